@@ -1,0 +1,84 @@
+"""Training callbacks the stock Keras ones do not cover: atomic best/last checkpoints that
+survive a resume, a history CSV that works on gs://, and a NaN stop that says where."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+from trainer import checkpoints, storage
+from trainer.keras_api import keras
+
+
+class BestAndLastCheckpoint(keras.callbacks.Callback):
+    """Keeps ``best.keras`` (lowest monitored value) and ``last.keras`` in ``folder``.
+
+    The best value is stored in ``best.json`` beside the model, so a resumed run only
+    replaces the best checkpoint with a better one.
+    """
+
+    def __init__(self, folder: str, monitor: str = "val_loss", min_delta: float = 0.0):
+        super().__init__()
+        self.folder, self.monitor, self.min_delta = folder, monitor, min_delta
+        self.best_path = storage.join(folder, "best.keras")
+        self.last_path = storage.join(folder, "last.keras")
+        self.record_path = storage.join(folder, "best.json")
+        self.best = math.inf
+        self.best_epoch = None
+
+    def on_train_begin(self, logs=None):
+        storage.makedirs(self.folder)
+        if storage.exists(self.record_path):
+            record = json.loads(storage.read_text(self.record_path))
+            self.best, self.best_epoch = record["value"], record["epoch"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value < self.best - self.min_delta:
+            checkpoints.save(self.model, self.best_path)
+            self.best, self.best_epoch = float(value), epoch + 1
+            storage.write_text_atomic(self.record_path, json.dumps(
+                {"epoch": self.best_epoch, "monitor": self.monitor, "value": self.best}))
+        checkpoints.save(self.model, self.last_path)
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """Writes one row per epoch to a CSV, rewriting it whole (gs:// has no append)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.rows: list[dict] = []
+
+    def on_train_begin(self, logs=None):
+        if storage.exists(self.path):
+            self.rows = list(csv.DictReader(io.StringIO(storage.read_text(self.path))))
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+        self.rows = [r for r in self.rows if int(r["epoch"]) < epoch + 1] + [row]
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        storage.write_text_atomic(self.path, out.getvalue())
+
+
+class StopOnNaN(keras.callbacks.TerminateOnNaN):
+    """TerminateOnNaN that remembers the epoch and step where the loss stopped being finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
+        self.where: tuple[int, int] | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.where is None:
+            self.where = (self.epoch + 1, batch + 1)
+        super().on_batch_end(batch, logs)

@@ -1,0 +1,298 @@
+"""Typed experiment config: dataclass defaults < YAML file < flag overrides.
+
+Everything here is plain Python (no TensorFlow), so a bad key, type or value is
+reported in one line before TensorFlow starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from trainer.errors import ConfigError
+
+TUTORIAL_CLASSES = ("COVID-19", "NORMAL", "Viral Pneumonia")
+CONFIG_DIR_ENV = "CXR_CONFIG_DIR"
+
+
+def _field(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field carrying its flag help text and, for enums, its choices."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    data_dir: str = _field("", "Training tree (one folder per class), local or gs://. "
+                           "Empty: the tutorial's ./covid tree if present, else the built-in demo data.")
+    test_dir: str = _field("", "Optional separate test tree of the same layout; "
+                           "without it test_per_class images per class are held out.")
+    classes: list = _field(TUTORIAL_CLASSES, "Class folder names in label order "
+                           "(matched case-insensitively).")
+    image_size: int = _field(50, "Images are resized to image_size x image_size.")
+    validation_split: float = _field(0.2, "Fraction of the training tree held out for validation.")
+    test_per_class: int = _field(40, "Images per class held out for testing when no test_dir is given.")
+    seed: int = _field(28, "Seed of the split hash, the shuffle and the weight initialisation.")
+    interpolation: str = _field("bilinear", "Resize method (antialiased when shrinking).",
+                                ("bilinear", "nearest", "bicubic", "area"))
+    cache: str = _field("auto", "Cache decoded images in memory: auto (when the split fits in "
+                        "cache_limit_mb), memory or none.", ("auto", "memory", "none"))
+    cache_limit_mb: int = _field(4096, "Memory budget for the auto cache, in MiB, per split.")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    architecture: str = _field("vanilla", "Model builder from the registry (see trainer/models.py).")
+    weights: str = _field("none", "Base weights for transfer models: imagenet, none, or a "
+                          "weights file path (local or gs://).")
+    preprocess: str = _field("auto", "Input scaling inside the model: tutorial (x/255), inception "
+                             "([-1, 1]), or auto (inception with ImageNet weights).",
+                             ("auto", "tutorial", "inception"))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    batch_size: int = _field(250, "Batch size per replica.")
+    epochs: int = _field(1000, "Maximum epochs (EarlyStopping usually ends training sooner).")
+    learning_rate: float = _field(0.001, "Adam learning rate.")
+    class_weights: str = _field("balanced", "balanced: sklearn weights from the training split; "
+                                "none: unweighted.", ("balanced", "none"))
+    patience: int = _field(5, "EarlyStopping patience in epochs (on val_loss).")
+    min_delta: float = _field(0.01, "EarlyStopping minimum improvement of val_loss.")
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    strategy: str = _field("auto", "tf.distribute strategy.",
+                           ("auto", "default", "one_device", "mirrored", "multi_worker"))
+    mixed_precision: str = _field("none", "Mixed-precision policy.",
+                                  ("none", "mixed_float16", "mixed_bfloat16"))
+    jit_compile: bool = _field(False, "Compile the training step with XLA.")
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    model_dir: str = _field("", "Run directory, local or gs://. Default: ./runs/<model>-<timestamp>.")
+    overwrite: bool = _field(False, "Replace a finished run in model_dir instead of refusing.")
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def leaf_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every overridable field by its flag name: name -> (section, field)."""
+    leaves = {}
+    for section in dataclasses.fields(Config):
+        for leaf in dataclasses.fields(section.default_factory()):
+            assert leaf.name not in leaves, f"duplicate config leaf {leaf.name}"
+            leaves[leaf.name] = (section.name, leaf)
+    return leaves
+
+
+def _type_of(section: str, name: str) -> type:
+    hints = typing.get_type_hints(type(getattr(Config(), section)))
+    return hints[name]
+
+
+def _coerce(value: Any, kind: type, where: str) -> Any:
+    """Checks a YAML or flag value against the field's type (ints pass as floats)."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:  # list of strings
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        raise ConfigError(f"{where} must be {_type_name(kind)}, got {value!r}")
+    return value
+
+
+def _type_name(kind: type) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(kind, "a list of strings")
+
+
+def _unknown(key: str, known: typing.Iterable[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def from_dict(raw: Mapping[str, Any], source: str, base: Config | None = None) -> Config:
+    """Applies a nested {section: {key: value}} mapping on top of ``base``."""
+    config = base or Config()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections {list(SECTIONS)}")
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise _unknown(str(section), SECTIONS, source)
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys")
+        target = getattr(config, section)
+        names = [f.name for f in dataclasses.fields(target)]
+        for key, value in values.items():
+            if key not in names:
+                raise _unknown(f"{section}.{key}", [f"{section}.{n}" for n in names], source)
+            kind = _type_of(section, key)
+            setattr(target, key, _coerce(value, kind, f"{source}: {section}.{key}"))
+    return config
+
+
+def config_dir() -> Path:
+    """Where ``--model=NAME`` looks for NAME.yaml (env, source tree, or install prefix)."""
+    candidates = [os.environ.get(CONFIG_DIR_ENV, ""),
+                  str(Path(__file__).resolve().parent.parent / "configs"),
+                  os.path.join(sys.prefix, "share", "covid-cxr-trainer", "configs")]
+    for candidate in candidates:
+        if candidate and Path(candidate, "vanilla.yaml").is_file():
+            return Path(candidate)
+    raise ConfigError("cannot find the configs folder; set "
+                      f"{CONFIG_DIR_ENV} or pass --config=PATH")
+
+
+def available_experiments() -> list[str]:
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def read_yaml(path: str) -> Any:
+    """Reads a YAML file (local or gs://) into Python objects, with a one-line error."""
+    try:
+        if path.startswith("gs://"):
+            from trainer import storage  # TensorFlow only for bucket paths.
+            text = storage.read_text(path)
+        else:
+            text = Path(path).read_text()
+        return yaml.safe_load(text) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def experiment_path(model: str | None, config_path: str | None) -> str:
+    """The YAML that ``--model`` or ``--config`` names (vanilla when neither)."""
+    if model and config_path:
+        raise ConfigError("pass either --model=NAME or --config=PATH, not both")
+    if config_path:
+        return config_path
+    name = model or "vanilla"
+    path = config_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown model '{name}' (--model): choose one of "
+                          f"{', '.join(available_experiments())}, or pass --config=PATH")
+    return str(path)
+
+
+def load(model: str | None = None, config_path: str | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults < YAML < overrides (flag name -> value; None means not set)."""
+    path = experiment_path(model, config_path)
+    config = from_dict(read_yaml(path), path)
+    leaves = leaf_fields()
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in leaves:
+            raise _unknown(name, leaves, "flags")
+        section, leaf = leaves[name]
+        kind = _type_of(section, name)
+        setattr(getattr(config, section), name, _coerce(value, kind, f"--{name}"))
+    return config
+
+
+def check_choices(config: Config) -> None:
+    for name, (section, leaf) in leaf_fields().items():
+        choices = leaf.metadata.get("choices")
+        value = getattr(getattr(config, section), name)
+        if choices and value not in choices:
+            raise ConfigError(f"{section}.{name} (--{name}) must be one of "
+                              f"{', '.join(choices)}, got '{value}'")
+
+
+def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
+    """Rejects impossible values with one line naming the key and flag.
+
+    ``min_image_sizes`` maps each registered architecture to its smallest input.
+    """
+    check_choices(config)
+    data, model, train = config.data, config.model, config.train
+    rules = [
+        (train.epochs >= 1, "train.epochs (--epochs) must be at least 1"),
+        (train.batch_size >= 1, "train.batch_size (--batch_size) must be at least 1"),
+        (train.learning_rate > 0, "train.learning_rate (--learning_rate) must be positive"),
+        (train.patience >= 0, "train.patience (--patience) must be 0 or more"),
+        (train.min_delta >= 0, "train.min_delta (--min_delta) must be 0 or more"),
+        (0 <= data.validation_split < 1,
+         "data.validation_split (--validation_split) must be in [0, 1)"),
+        (data.test_per_class >= 0, "data.test_per_class (--test_per_class) must be 0 or more"),
+        (data.cache_limit_mb >= 0, "data.cache_limit_mb (--cache_limit_mb) must be 0 or more"),
+        (len(data.classes) >= 2, "data.classes (--classes) needs at least two class names"),
+        (len({c.lower() for c in data.classes}) == len(data.classes),
+         "data.classes (--classes) has a name twice (names are matched case-insensitively)"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(f"{message}, got {_value_for(config, message)}")
+    if model.architecture not in min_image_sizes:
+        raise ConfigError(f"model.architecture: unknown model '{model.architecture}'; "
+                          f"choose one of {', '.join(sorted(min_image_sizes))}")
+    smallest = min_image_sizes[model.architecture]
+    if data.image_size < smallest:
+        raise ConfigError(f"data.image_size (--image_size) must be at least {smallest} for "
+                          f"{model.architecture}, got {data.image_size}")
+    for flag, path in (("data_dir", data.data_dir), ("test_dir", data.test_dir)):
+        if path and not path.startswith("gs://") and not os.path.isdir(path):
+            raise ConfigError(f"--{flag}: no such directory: {path}")
+    weights = model.weights
+    if weights not in ("imagenet", "none") and not weights.startswith("gs://") \
+            and not os.path.isfile(weights):
+        raise ConfigError(f"--weights: expected imagenet, none or a weights file; "
+                          f"no such file: {weights}")
+    return config
+
+
+def _value_for(config: Config, message: str) -> Any:
+    """The current value of the key a validation message names."""
+    section, name = message.split(" ", 1)[0].split(".")
+    return getattr(getattr(config, section), name)
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def from_yaml_text(text: str, source: str) -> Config:
+    """Parses a resolved config (e.g. a run's config.yaml)."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: is not valid YAML ({err})") from None
+    return from_dict(raw, source)

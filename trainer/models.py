@@ -1,0 +1,155 @@
+"""One registry of models: name -> builder, plus base-weight loading (imagenet / none / file).
+
+Builders take [0, 1] images; each model scales them itself (tutorial x/255 already done by
+the pipeline, or Keras' inception [-1, 1]), so training and serving feed the same tensors.
+Keras is imported inside the builders so that config validation can read the registry
+before TensorFlow starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Callable
+
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
+
+IMAGENET_NOTOP_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    builder: Callable
+    min_image_size: int
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, min_image_size: int) -> Callable:
+    def add(builder: Callable) -> Callable:
+        REGISTRY[name] = ModelSpec(builder, min_image_size)
+        return builder
+    return add
+
+
+def min_image_sizes() -> dict[str, int]:
+    return {name: spec.min_image_size for name, spec in REGISTRY.items()}
+
+
+def preprocess_mode(model: ModelConfig) -> str:
+    """'auto' means Keras' inception scaling for ImageNet weights, the tutorial's otherwise."""
+    if model.preprocess != "auto":
+        return model.preprocess
+    return "inception" if model.weights == "imagenet" else "tutorial"
+
+
+def build(model: ModelConfig, image_size: int, n_classes: int):
+    """Builds the configured model (call inside the strategy scope)."""
+    if model.architecture not in REGISTRY:
+        raise ConfigError(f"unknown model '{model.architecture}'; "
+                          f"choose one of {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[model.architecture].builder(model, image_size, n_classes)
+
+
+def _inputs_and_scaling(model: ModelConfig, image_size: int):
+    from trainer.keras_api import keras
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = inputs
+    if preprocess_mode(model) == "inception":
+        x = keras.layers.Rescaling(2.0, offset=-1.0, name="inception_scaling")(x)
+    return inputs, x
+
+
+def _classifier(x, n_classes: int):
+    """The softmax output, in float32 even under a mixed-precision policy."""
+    from trainer.keras_api import keras
+    return keras.layers.Dense(n_classes, activation="softmax", dtype="float32",
+                              name="probabilities")(x)
+
+
+@register("vanilla", min_image_size=4)
+def build_vanilla(model: ModelConfig, image_size: int, n_classes: int):
+    """The tutorial's ConvNet: Conv(32, 3x3) -> MaxPool -> Dropout(0.5) -> Dense(256) -> softmax."""
+    from trainer.keras_api import keras
+    layers = keras.layers
+    inputs, x = _inputs_and_scaling(model, image_size)
+    x = layers.Conv2D(32, (3, 3), activation="relu", name="conv")(x)
+    x = layers.MaxPooling2D((2, 2))(x)
+    x = layers.Dropout(0.5)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(256, activation="relu")(x)
+    return keras.Model(inputs, _classifier(x, n_classes), name="vanilla")
+
+
+@register("inception", min_image_size=75)
+def build_inception(model: ModelConfig, image_size: int, n_classes: int):
+    """InceptionV3 base (trainable) + the tutorial's head 200-100-50 with dropout 0.5."""
+    from trainer.keras_api import keras
+    layers = keras.layers
+    inputs, x = _inputs_and_scaling(model, image_size)
+    base = keras.applications.InceptionV3(include_top=False, weights=None,
+                                          input_shape=(image_size, image_size, 3))
+    load_base_weights(base, model.weights)
+    x = base(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Flatten()(x)
+    for units in (200, 100, 50):
+        x = layers.Dense(units, activation="relu")(x)
+        x = layers.Dropout(0.5)(x)
+    return keras.Model(inputs, _classifier(x, n_classes), name="inception")
+
+
+def load_base_weights(base, weights: str) -> None:
+    """Loads 'imagenet' (Keras' cache or download), nothing for 'none', or a file (local/gs://)."""
+    if weights == "none":
+        return
+    if weights == "imagenet":
+        weights = _imagenet_file()
+    try:
+        with _local_copy(weights) as local:
+            base.load_weights(local)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--weights: cannot load {weights} into the {base.name} base: "
+                          f"{str(err).splitlines()[0][:200]}") from None
+
+
+def _imagenet_file() -> str:
+    """Keras' cached ImageNet weights for the InceptionV3 base, downloading them if needed."""
+    from trainer.keras_api import keras
+    cached = os.path.join(os.path.expanduser("~"), ".keras", "models", IMAGENET_NOTOP_FILE)
+    if os.path.isfile(cached):
+        return cached
+    url = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
+           + IMAGENET_NOTOP_FILE)
+    try:
+        return keras.utils.get_file(IMAGENET_NOTOP_FILE, url, cache_subdir="models")
+    except Exception as err:  # any network failure: the message below says what to do
+        raise ConfigError(
+            f"--weights=imagenet: cannot download the ImageNet weights ({type(err).__name__}); "
+            f"this machine may be offline. Download {IMAGENET_NOTOP_FILE} elsewhere and pass "
+            f"--weights=PATH (local or gs://), or put it in ~/.keras/models/") from None
+
+
+class _local_copy:
+    """A local path for a weights file: itself, or a temporary copy of a gs:// object."""
+
+    def __init__(self, path: str):
+        self.path, self.tmp = path, None
+
+    def __enter__(self) -> str:
+        if "://" not in self.path:
+            if not os.path.isfile(self.path):
+                raise OSError(f"no such file: {self.path}")
+            return self.path
+        from trainer import storage
+        suffix = os.path.splitext(self.path)[1] or ".h5"
+        fd, self.tmp = tempfile.mkstemp(suffix=suffix)
+        with os.fdopen(fd, "wb") as f:
+            f.write(storage.read_bytes(self.path))
+        return self.tmp
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp:
+            os.remove(self.tmp)

@@ -1,0 +1,71 @@
+"""``python -m trainer.task``: flags -> Config -> train.run(config).
+
+Config problems are reported before TensorFlow is imported; any TrainerError ends the
+process with one line and its exit status (see trainer/errors.py).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, logging
+
+from trainer import config as config_lib, demo_data, flags as trainer_flags, models
+from trainer.errors import ExitStatus, TrainerError
+
+TUTORIAL_TRAIN_DIR = os.path.join("covid", "COVID-19 Radiography Database")
+TUTORIAL_TEST_DIR = os.path.join("covid", "COVID-19 Radiography Database Test")
+
+trainer_flags.define_config_flags()
+
+
+def resolve_default_data(config: config_lib.Config) -> config_lib.Config:
+    """No --data_dir: the tutorial's ./covid tree if it exists, else the synthetic demo set."""
+    data = config.data
+    if data.data_dir:
+        return config
+    if os.path.isdir(TUTORIAL_TRAIN_DIR):
+        data.data_dir = TUTORIAL_TRAIN_DIR
+        if not data.test_dir and os.path.isdir(TUTORIAL_TEST_DIR):
+            data.test_dir = TUTORIAL_TEST_DIR
+        logging.info("no --data_dir: using the tutorial's tree %s", data.data_dir)
+        return config
+    data.data_dir = str(demo_data.ensure_demo_dataset())
+    logging.warning("no --data_dir and no ./%s: training on the built-in SYNTHETIC demo data "
+                    "in %s (drawn shapes, not medical images)", TUTORIAL_TRAIN_DIR, data.data_dir)
+    return config
+
+
+def build_config() -> config_lib.Config:
+    flags = trainer_flags.FLAGS
+    config = config_lib.load(flags.model, flags.config, trainer_flags.overrides())
+    config = config_lib.validate(config, models.min_image_sizes())
+    config = resolve_default_data(config)
+    if not config.output.model_dir:
+        from trainer.train import default_model_dir
+        config.output.model_dir = default_model_dir(config.model.architecture)
+    return config
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        return ExitStatus.USAGE
+    logging.set_verbosity(logging.INFO)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        config = build_config()
+        from trainer import train  # TensorFlow starts here, after the config is known good.
+        train.run(config)
+    except TrainerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_status
+    return ExitStatus.OK
+
+
+def run() -> None:
+    app.run(main, flags_parser=trainer_flags.parse_or_exit)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,176 @@
+"""One training run: run directory, data, model under the strategy scope, fit, test evaluation."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging as py_logging
+import os
+
+import numpy as np
+from absl import logging
+
+from trainer import callbacks, checkpoints, config as config_lib, data, distribute, metrics, \
+    models, storage
+from trainer.config import Config
+from trainer.errors import RunDirError, TrainerError
+from trainer.keras_api import keras
+
+RUN_ARTIFACTS = ("config.yaml", "checkpoints", "backup", "logs", "history.csv",
+                 "metrics.json", "export")
+COMPARED_SECTIONS = ("data", "model", "train")
+
+
+def default_model_dir(architecture: str, now: datetime.datetime | None = None) -> str:
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    path = os.path.join("runs", f"{architecture}-{stamp}")
+    suffix = 1
+    while os.path.exists(path):
+        suffix += 1
+        path = os.path.join("runs", f"{architecture}-{stamp}-{suffix}")
+    return path
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """'section.key: old -> new' for each training-relevant difference."""
+    changes = []
+    for section in COMPARED_SECTIONS:
+        before = dataclasses.asdict(getattr(old, section))
+        after = dataclasses.asdict(getattr(new, section))
+        changes += [f"{section}.{k}: {before[k]!r} -> {after[k]!r}"
+                    for k in after if before.get(k) != after[k]]
+    return changes
+
+
+def prepare_run_dir(config: Config) -> bool:
+    """Makes model_dir ready; True when an interrupted run there will be resumed.
+
+    A finished run (metrics.json) is replaced only with --overwrite; an interrupted one
+    (config.yaml, no metrics.json) resumes if its config matches; any other non-empty
+    folder is refused, so nothing the user wrote is lost.
+    """
+    model_dir = config.output.model_dir
+    existing = storage.listdir(model_dir) if storage.isdir(model_dir) else []
+    if existing and config.output.overwrite:
+        logging.warning("--overwrite: removing the previous run's artifacts in %s", model_dir)
+        for name in RUN_ARTIFACTS:
+            storage.remove_tree(storage.join(model_dir, name))
+        existing = storage.listdir(model_dir)
+    finished = "metrics.json" in existing
+    if finished:
+        raise RunDirError(f"{model_dir} holds a finished run (metrics.json); pass --overwrite to "
+                          "replace it, or choose another --model_dir")
+    resuming = "config.yaml" in existing
+    if resuming:
+        old = config_lib.from_yaml_text(storage.read_text(storage.join(model_dir, "config.yaml")),
+                                        storage.join(model_dir, "config.yaml"))
+        changes = config_changes(old, config)
+        if changes:
+            raise RunDirError(f"{model_dir} holds an interrupted run with another config "
+                              f"({'; '.join(changes)}); pass --overwrite to start over, or use "
+                              "the same settings to resume")
+        logging.info("resuming the interrupted run in %s", model_dir)
+    elif existing:
+        raise RunDirError(f"{model_dir} is not empty and holds no run ({', '.join(existing[:5])}); "
+                          "choose an empty or new --model_dir")
+    try:
+        storage.makedirs(model_dir)
+        storage.write_text_atomic(storage.join(model_dir, "config.yaml"),
+                                  config_lib.to_yaml(config))
+    except Exception as err:  # permission, full disk, bad bucket: say so before training
+        raise RunDirError(f"cannot write to --model_dir {model_dir}: "
+                          f"{str(err).splitlines()[0][:200]}") from None
+    return resuming
+
+
+def build_callbacks(config: Config, monitor: str) -> tuple[list, callbacks.StopOnNaN]:
+    model_dir = config.output.model_dir
+    nan_guard = callbacks.StopOnNaN()
+    return [
+        keras.callbacks.BackupAndRestore(storage.join(model_dir, "backup"), delete_checkpoint=True),
+        nan_guard,
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=config.train.patience,
+                                      min_delta=config.train.min_delta, mode="min"),
+        callbacks.BestAndLastCheckpoint(storage.join(model_dir, "checkpoints"), monitor=monitor),
+        callbacks.HistoryCSV(storage.join(model_dir, "history.csv")),
+        keras.callbacks.TensorBoard(storage.join(model_dir, "logs")),
+    ], nan_guard
+
+
+def compile_model(model, config: Config) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(config.train.learning_rate),
+                  loss="categorical_crossentropy", metrics=metrics.compiled_metrics(),
+                  jit_compile=config.runtime.jit_compile)
+
+
+def evaluate(model, examples: list[data.Example], config: Config) -> dict:
+    """Test metrics: the compiled ones by name, and the per-class report."""
+    batch = config.train.batch_size
+    named = model.evaluate(data.make_dataset(examples, config.data, batch, training=False),
+                           return_dict=True, verbose=0)
+    probs = model.predict(data.make_dataset(examples, config.data, batch, training=False),
+                          verbose=0)
+    labels = np.array([e.label for e in examples])
+    report = metrics.per_class(labels, probs, config.data.classes)
+    return {"test": {k: float(v) for k, v in named.items()}, **report}
+
+
+def log_data_summary(splits: data.Splits, weights: dict | None) -> None:
+    for name, counts in splits.counts().items():
+        logging.info("%-5s split: %5d images %s", name, sum(counts),
+                     dict(zip(splits.classes, counts)))
+    if weights is None:
+        logging.info("class weights: none (--class_weights=none)")
+    else:
+        logging.info("class weights (balanced, from the training split): %s",
+                     {c: round(w, 3) for c, w in zip(splits.classes, weights.values())})
+
+
+def run(config: Config) -> dict:
+    """Trains, evaluates the best checkpoint on the test split, writes metrics.json."""
+    model_dir = config.output.model_dir
+    py_logging.getLogger("tensorflow").setLevel(py_logging.WARNING)  # saver chatter at INFO
+    splits = data.make_splits(config.data)
+    resuming = prepare_run_dir(config)
+    weights = (data.class_weights([e.label for e in splits.train], len(splits.classes))
+               if config.train.class_weights == "balanced" else None)
+    log_data_summary(splits, weights)
+
+    strategy = distribute.make_strategy(config.runtime.strategy)
+    with strategy.scope():
+        keras.utils.set_random_seed(config.data.seed)
+        model = models.build(config.model, config.data.image_size, len(splits.classes))
+        compile_model(model, config)
+
+    batch = config.train.batch_size
+    train_ds = data.make_dataset(splits.train, config.data, batch, training=True)
+    val_ds = data.make_dataset(splits.val, config.data, batch, training=False) \
+        if splits.val else None
+    monitor = "val_loss" if val_ds is not None else "loss"
+    cbs, nan_guard = build_callbacks(config, monitor)
+    logging.info("training %s on %d images (%s), up to %d epochs, batch %d%s",
+                 config.model.architecture, len(splits.train), model_dir, config.train.epochs,
+                 batch, " (resuming)" if resuming else "")
+    history = model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs,
+                        class_weight=weights, callbacks=cbs, verbose=2)
+    if nan_guard.where:
+        epoch, step = nan_guard.where
+        raise TrainerError(f"training stopped: the loss became NaN or infinite at epoch {epoch}, "
+                           f"step {step}; the last good checkpoints are in "
+                           f"{storage.join(model_dir, 'checkpoints')}. Lower --learning_rate.")
+
+    storage.remove_tree(storage.join(model_dir, "backup"))  # training completed: nothing to resume
+    best_path = storage.join(model_dir, "checkpoints", "best.keras")
+    best = checkpoints.load(best_path) if storage.exists(best_path) else model
+    results = evaluate(best, splits.test, config)
+    results.update(
+        model_dir=model_dir, checkpoint="checkpoints/best.keras", counts=splits.counts(),
+        class_weights=None if weights is None else list(weights.values()),
+        last_epoch=history.epoch[-1] + 1 if history.epoch else None)
+    storage.write_text_atomic(storage.join(model_dir, "metrics.json"),
+                              json.dumps(results, indent=2))
+    print(metrics.format_named(results["test"]))
+    print()
+    print(metrics.format_per_class(results))
+    logging.info("run complete: %s", model_dir)
+    return results
