@@ -1,0 +1,38 @@
+"""Shared fixtures: small generated image trees and the real cxr3 data when present."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+CXR3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3"
+
+
+@pytest.fixture
+def demo_tree(tmp_path: Path) -> Path:
+    """A small synthetic three-class tree (30 PNGs per class, 64x64)."""
+    from trainer import demo_data
+    root = tmp_path / "data"
+    demo_data.generate(root, images_per_class=30, seed=1)
+    return root
+
+
+@pytest.fixture
+def tiny_config(demo_tree: Path, tmp_path: Path):
+    """A vanilla config that trains in seconds on ``demo_tree``."""
+    from trainer import config as config_lib
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(demo_tree), "image_size": 16, "test_per_class": 6, "batch_size": 16,
+        "epochs": 3, "model_dir": str(tmp_path / "run")})
+    return config
+
+
+@pytest.fixture
+def cxr3() -> Path:
+    """The real chest X-ray set beside the checkout; tests using it skip when it is absent."""
+    if not (CXR3 / "manifest.csv").is_file():
+        pytest.skip(f"real data not found at {CXR3}")
+    return CXR3

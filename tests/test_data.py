@@ -1,0 +1,213 @@
+"""The tf.data pipeline: discovery, splits, decoding of every format and mode, class weights."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.utils.class_weight import compute_class_weight
+
+from trainer import config as config_lib, data
+from trainer.errors import DataError
+
+GRADIENT = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _rgb(a):
+    return np.stack([a, 255 - a, a // 2], -1).astype(np.uint8)
+
+
+# (name, image, format, expected [0,1] RGB array at full size or None when lossy)
+FORMATS = [
+    ("png-grayscale", Image.fromarray(GRADIENT), "PNG", np.repeat(GRADIENT[..., None], 3, -1) / 255),
+    ("png-rgb", Image.fromarray(_rgb(GRADIENT)), "PNG", _rgb(GRADIENT) / 255),
+    ("png-rgba", Image.fromarray(np.dstack([_rgb(GRADIENT), GRADIENT])), "PNG", _rgb(GRADIENT) / 255),
+    ("png-palette", Image.fromarray(GRADIENT).convert("P"), "PNG",
+     np.repeat(GRADIENT[..., None], 3, -1) / 255),
+    ("png-16bit", Image.fromarray(GRADIENT.astype(np.uint16) * 257), "PNG",
+     np.repeat(GRADIENT[..., None], 3, -1) / 255),
+    ("jpeg-grayscale", Image.fromarray(GRADIENT), "JPEG", None),
+    ("jpeg-rgb", Image.fromarray(_rgb(GRADIENT)), "JPEG", None),
+    ("bmp-rgb", Image.fromarray(_rgb(GRADIENT)), "BMP", _rgb(GRADIENT) / 255),
+    ("bmp-grayscale", Image.fromarray(GRADIENT), "BMP", np.repeat(GRADIENT[..., None], 3, -1) / 255),
+    ("gif-palette", Image.fromarray(GRADIENT).convert("P"), "GIF",
+     np.repeat(GRADIENT[..., None], 3, -1) / 255),
+]
+
+
+@pytest.mark.parametrize("name, image, fmt, expected", FORMATS, ids=[f[0] for f in FORMATS])
+def test_decode_every_format_and_mode(name, image, fmt, expected):
+    decoded = data.decode_image(_encode(image, fmt), 32).numpy()
+    assert decoded.shape == (32, 32, 3) and decoded.dtype == np.float32
+    assert 0.0 <= decoded.min() and decoded.max() <= 1.0
+    if expected is not None:
+        np.testing.assert_allclose(decoded, expected, atol=1e-5)
+    else:  # lossy JPEG: matches Pillow's decoding of the same bytes
+        reference = Image.open(io.BytesIO(_encode(image, fmt))).convert("RGB")
+        assert np.abs(decoded - np.asarray(reference, np.float32) / 255).mean() < 0.01
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.fromarray(np.full((8, 8), v, np.uint8)).convert("P") for v in (200, 10)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    decoded = data.decode_image(buf.getvalue(), 8).numpy()
+    np.testing.assert_allclose(decoded, 200 / 255, atol=1e-5)
+
+
+def test_resize_to_configured_size():
+    decoded = data.decode_image(_encode(Image.fromarray(GRADIENT), "PNG"), 50).numpy()
+    assert decoded.shape == (50, 50, 3)
+
+
+def test_class_folders_match_case_insensitively(tmp_path):
+    for name in ("covid-19", "NORMAL", "VIRAL PNEUMONIA", "extra"):
+        (tmp_path / name).mkdir()
+    folders = data.find_class_dirs(str(tmp_path), list(config_lib.TUTORIAL_CLASSES))
+    assert [Path(f).name for f in folders] == ["covid-19", "NORMAL", "VIRAL PNEUMONIA"]
+
+
+@pytest.mark.parametrize("folders, files, message", [
+    (["COVID-19", "NORMAL"], {}, "no folder for class 'Viral Pneumonia'"),
+    (["COVID-19", "NORMAL", "Viral Pneumonia"], {"NORMAL": []}, "class folder holds no images"),
+    ([], {}, "no folder for class 'COVID-19' (found: no folders)"),
+])
+def test_bad_trees(tmp_path, folders, files, message):
+    for name in folders:
+        (tmp_path / name).mkdir()
+        for i in range(files.get(name, [1])[0] if files.get(name, [1]) else 0):
+            Image.fromarray(GRADIENT).save(tmp_path / name / f"{i}.png")
+    with pytest.raises(DataError) as err:
+        data.list_examples(str(tmp_path), list(config_lib.TUTORIAL_CLASSES))
+    assert message in str(err.value)
+
+
+def test_missing_data_dir():
+    with pytest.raises(DataError, match="data folder not found: /no/such"):
+        data.list_examples("/no/such", ["a", "b"])
+
+
+def _fake_examples(counts):
+    return [data.Example(f"/d/{label}/img{i}.png", f"img{i}.png", label)
+            for label, n in enumerate(counts) for i in range(n)]
+
+
+def test_split_is_deterministic_whatever_the_listing_order():
+    examples = _fake_examples([179 + 40, 1301 + 40, 1305 + 40])
+    first = data.split_examples(examples, 3, 0.2, 40, seed=28)
+    shuffled = examples[:]
+    random.Random(1).shuffle(shuffled)
+    second = data.split_examples(shuffled, 3, 0.2, 40, seed=28)
+    for name in data.SPLITS:
+        assert sorted(e.path for e in first[name]) == sorted(e.path for e in second[name])
+
+
+def test_split_is_stratified_disjoint_and_complete():
+    examples = _fake_examples([219, 1341, 1345])
+    parts = data.split_examples(examples, 3, 0.2, 40, seed=28)
+    sets = {name: {e.path for e in parts[name]} for name in data.SPLITS}
+    assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"])
+    assert set().union(*sets.values()) == {e.path for e in examples}
+    count = lambda name, label: sum(e.label == label for e in parts[name])  # noqa: E731
+    assert [count("test", k) for k in range(3)] == [40, 40, 40]
+    # the tutorial's training tree keeps 179/1301/1305, 20% of each to validation
+    assert [count("val", k) for k in range(3)] == [36, 260, 261]
+    assert [count("train", k) for k in range(3)] == [143, 1041, 1044]
+
+
+def test_seed_changes_the_split():
+    examples = _fake_examples([100, 100])
+    a = data.split_examples(examples, 2, 0.2, 10, seed=1)
+    b = data.split_examples(examples, 2, 0.2, 10, seed=2)
+    assert {e.path for e in a["test"]} != {e.path for e in b["test"]}
+
+
+def test_separate_test_tree(demo_tree, tmp_path):
+    from trainer import demo_data
+    test_root = tmp_path / "test"
+    demo_data.generate(test_root, images_per_class=4, seed=3)
+    config = config_lib.load("vanilla", overrides={"data_dir": str(demo_tree),
+                                                   "test_dir": str(test_root)})
+    splits = data.make_splits(config.data)
+    assert splits.counts()["test"] == [4, 4, 4]
+    assert sum(map(sum, splits.counts().values())) == 90 + 12  # nothing held out of training
+    assert splits.counts()["val"] == [6, 6, 6]
+
+
+def test_empty_training_class_is_a_data_error(demo_tree):
+    config = config_lib.load("vanilla", overrides={"data_dir": str(demo_tree),
+                                                   "test_per_class": 30})
+    with pytest.raises(DataError, match="the training split has no images of class 'COVID-19'"):
+        data.make_splits(config.data)
+
+
+@pytest.mark.parametrize("cache", ["auto", "memory", "none"])
+def test_dataset_shapes_dtypes_ranges_and_label_order(demo_tree, cache):
+    config = config_lib.load("vanilla", overrides={"data_dir": str(demo_tree), "image_size": 24,
+                                                   "test_per_class": 5, "cache": cache})
+    splits = data.make_splits(config.data)
+    ds = data.make_dataset(splits.test, config.data, batch_size=4, training=False)
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    assert images.shape == (15, 24, 24, 3) and images.dtype == np.float32
+    assert labels.shape == (15, 3) and labels.dtype == np.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    np.testing.assert_array_equal(labels.argmax(1), [e.label for e in splits.test])
+    # label index follows the configured class order: folder COVID-19 -> index 0
+    assert all(("COVID-19" in e.path) == (e.label == 0) for e in splits.test)
+
+
+def test_training_dataset_reshuffles_every_epoch(demo_tree):
+    config = config_lib.load("vanilla", overrides={"data_dir": str(demo_tree), "image_size": 8,
+                                                   "test_per_class": 5})
+    splits = data.make_splits(config.data)
+    ds = data.make_dataset(splits.train, config.data, batch_size=1000, training=True)
+    first, second = [next(iter(ds))[0].numpy() for _ in range(2)]
+    assert first.shape[0] == len(splits.train)
+    assert not np.array_equal(first, second)
+    np.testing.assert_allclose(np.sort(first.sum(axis=(1, 2, 3))), np.sort(second.sum(axis=(1, 2, 3))),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_images, cache, limit_mb, expected", [
+    (20, "auto", 1, True), (10_000, "auto", 1, False), (10_000, "memory", 1, True),
+    (10, "none", 4096, False),
+])
+def test_should_cache(n_images, cache, limit_mb, expected):
+    cfg = dataclasses.replace(config_lib.DataConfig(), image_size=50, cache=cache,
+                              cache_limit_mb=limit_mb)
+    assert data.should_cache(cfg, n_images) is expected
+
+
+@pytest.mark.parametrize("counts", [[179, 1301, 1305], [10, 10, 10], [1, 2, 97], [5, 50]])
+def test_class_weights_equal_sklearn(counts):
+    labels = [label for label, n in enumerate(counts) for _ in range(n)]
+    ours = data.class_weights(labels, len(counts))
+    theirs = compute_class_weight("balanced", classes=np.arange(len(counts)), y=labels)
+    np.testing.assert_allclose(list(ours.values()), theirs)
+
+
+def test_class_weights_of_the_tutorial_split():
+    labels = [0] * 179 + [1] * 1301 + [2] * 1305
+    np.testing.assert_allclose(list(data.class_weights(labels, 3).values()),
+                               [5.186, 0.714, 0.711], atol=1e-3)
+
+
+def test_real_cxr3_tree_lists_and_splits(cxr3):
+    config = config_lib.load("vanilla", overrides={"data_dir": str(cxr3)})
+    splits = data.make_splits(config.data)
+    counts = splits.counts()
+    assert counts["test"] == [40, 40, 40]
+    assert [sum(c) for c in zip(*counts.values())] == [921, 1341, 1345]
+    x, y = next(iter(data.make_dataset(splits.test[:8], config.data, 8, training=False)))
+    assert x.shape == (8, 50, 50, 3) and float(x.numpy().max()) <= 1.0

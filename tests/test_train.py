@@ -1,0 +1,153 @@
+"""A whole run on generated images: artifacts, reload, refusal, resume after SIGKILL."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer import checkpoints, config as config_lib, data, train
+from trainer.errors import RunDirError
+
+ARTIFACTS = ["config.yaml", "checkpoints/best.keras", "checkpoints/last.keras",
+             "checkpoints/best.json", "history.csv", "metrics.json", "logs/train"]
+
+
+def _history(run: Path) -> list[dict]:
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_run_writes_every_artifact(tiny_config, capsys):
+    results = train.run(tiny_config)
+    run = Path(tiny_config.output.model_dir)
+    for name in ARTIFACTS:
+        assert (run / name).exists(), name
+    assert not (run / "backup").exists()  # completed: nothing left to resume
+    assert config_lib.from_yaml_text((run / "config.yaml").read_text(), "config.yaml") == tiny_config
+    assert [int(r["epoch"]) for r in _history(run)] == [1, 2, 3]
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["classes"] == ["COVID-19", "NORMAL", "Viral Pneumonia"]
+    assert np.array(saved["confusion_matrix"]).sum() == 18 == saved["test"]["tp"] + saved["test"]["fn"]
+    assert set(saved["per_class"]["NORMAL"]) == {"sensitivity", "specificity", "precision", "f1",
+                                                 "support"}
+    assert saved["class_weights"] == pytest.approx([1.0, 1.0, 1.0])
+    out = capsys.readouterr().out
+    assert "Test metrics" in out and "accuracy" in out and "specificity" in out
+    assert results["test"] == saved["test"]
+
+    # The best checkpoint reloaded from disk reproduces the in-process test metrics.
+    best = checkpoints.load(str(run / "checkpoints" / "best.keras"))
+    again = train.evaluate(best, data.make_splits(tiny_config.data).test, tiny_config)
+    for name, value in saved["test"].items():
+        assert again["test"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert again["confusion_matrix"] == saved["confusion_matrix"]
+
+    # A finished run is never replaced silently ...
+    with pytest.raises(RunDirError, match="holds a finished run .* --overwrite"):
+        train.run(tiny_config)
+    # ... but is with --overwrite.
+    tiny_config.output.overwrite = True
+    tiny_config.train.epochs = 1
+    train.run(tiny_config)
+    assert [int(r["epoch"]) for r in _history(run)] == [1]
+
+
+def test_unrelated_folder_is_refused(tiny_config):
+    run = Path(tiny_config.output.model_dir)
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="is not empty and holds no run"):
+        train.prepare_run_dir(tiny_config)
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_interrupted_run_with_another_config_is_refused(tiny_config):
+    assert train.prepare_run_dir(tiny_config) is False
+    assert train.prepare_run_dir(tiny_config) is True  # same config: resume
+    tiny_config.train.learning_rate = 0.5
+    with pytest.raises(RunDirError, match=r"train.learning_rate: 0.001 -> 0.5"):
+        train.prepare_run_dir(tiny_config)
+
+
+def test_default_model_dir_is_new(tmp_path, monkeypatch):
+    import datetime
+    monkeypatch.chdir(tmp_path)
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    first = train.default_model_dir("vanilla", now)
+    assert first == os.path.join("runs", "vanilla-20260102-030405")
+    os.makedirs(first)
+    assert train.default_model_dir("vanilla", now) == first + "-2"
+
+
+def _task(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen([sys.executable, "-m", "trainer.task", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_sigkilled_run_resumes_from_its_backup(demo_tree, tmp_path):
+    run = tmp_path / "run"
+    args = ["--model=vanilla", f"--data_dir={demo_tree}", f"--model_dir={run}", "--image_size=16",
+            "--test_per_class=6", "--batch_size=8", "--epochs=12", "--patience=100"]
+    first = _task(args)
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        if (run / "history.csv").exists() and len(_history(run)) >= 2:
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the run ended before it could be killed:\n" + first.stdout.read()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done = len(_history(run))
+    assert not (run / "metrics.json").exists()
+    assert any((run / "backup").iterdir()), "no backup was written before the kill"
+
+    second = _task(args)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    assert "resuming the interrupted run" in out
+    first_epoch = int(out.split("Epoch ", 1)[1].split("/", 1)[0])
+    assert first_epoch >= done  # resumed after the last backed-up epoch, not from 1
+    assert [int(r["epoch"]) for r in _history(run)] == list(range(1, 13))
+    assert (run / "metrics.json").exists() and not (run / "backup").exists()
+
+
+CLI_ERRORS = [
+    (["--epochs=0"], 2, "train.epochs (--epochs) must be at least 1, got 0"),
+    (["--batch_size=0"], 2, "train.batch_size (--batch_size) must be at least 1"),
+    (["--model=inception", "--image_size=64", "--weights=none"], 2, "must be at least 75 for inception"),
+    (["--data_dir=/no/such/dir"], 2, "--data_dir: no such directory: /no/such/dir"),
+    (["--model=resnet"], 2, "unknown model 'resnet' (--model)"),
+    (["--epochs=ten"], 2, "flag --epochs=ten"),
+    (["--no_such_flag=1"], 2, "no_such_flag"),
+    (["--config=/no/such.yaml", "--model="], 2, "config file not found: /no/such.yaml"),
+    (["--cache=disk"], 2, "data.cache (--cache) must be one of auto, memory, none"),
+    (["extra-arg"], 2, "unexpected arguments: extra-arg"),
+]
+
+
+@pytest.mark.parametrize("args, status, message", CLI_ERRORS)
+def test_cli_errors_are_one_line(args, status, message):
+    proc = _task(args)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == status, out
+    assert "Traceback" not in out
+    lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], out
+
+
+def test_cli_data_error_exits_3(tmp_path):
+    (tmp_path / "COVID-19").mkdir()
+    proc = _task([f"--data_dir={tmp_path}", f"--model_dir={tmp_path / 'run'}"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out
+    assert "Traceback" not in out and "error: " in out and "no folder for class 'NORMAL'" in out
+    assert not (tmp_path / "run").exists()
