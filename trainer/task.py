@@ -5,6 +5,7 @@ process with one line and its exit status (see trainer/errors.py).
 """
 from __future__ import annotations
 
+import logging as py_logging
 import os
 import sys
 
@@ -47,11 +48,20 @@ def build_config() -> config_lib.Config:
     return config
 
 
+class _QuietTensorFlow(py_logging.Filter):
+    """Drops TensorFlow's own INFO chatter (e.g. one line per checkpoint) from the absl log."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or \
+            f"{os.sep}tensorflow{os.sep}" not in record.pathname
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return ExitStatus.USAGE
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_logger().addFilter(_QuietTensorFlow())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         config = build_config()
