@@ -34,6 +34,8 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
             self.best, self.best_epoch = record["value"], record["epoch"]
 
     def on_epoch_end(self, epoch, logs=None):
+        if not math.isfinite(float((logs or {}).get("loss", 0.0))):
+            return  # keep the last good checkpoints, never NaN weights
         value = (logs or {}).get(self.monitor)
         if value is not None and value < self.best - self.min_delta:
             checkpoints.save(self.model, self.best_path)

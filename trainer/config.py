@@ -46,6 +46,12 @@ class DataConfig:
     cache: str = _field("auto", "Cache decoded images in memory: auto (when the split fits in "
                         "cache_limit_mb), memory or none.", ("auto", "memory", "none"))
     cache_limit_mb: int = _field(4096, "Memory budget for the auto cache, in MiB, per split.")
+    check: bool = _field(True, "Check every image before training (decode, size, duplicates, "
+                         "leakage across splits).")
+    on_bad_image: str = _field("fail", "Unreadable, empty or too small images: fail (listing them) "
+                               "or skip (train without them).", ("fail", "skip"))
+    on_leak: str = _field("fail", "The same image in two splits: fail or warn.", ("fail", "warn"))
+    min_image_side: int = _field(32, "Images whose shorter side is below this many pixels are bad.")
 
 
 @dataclasses.dataclass
@@ -136,8 +142,8 @@ def _type_name(kind: type) -> str:
 
 def _unknown(key: str, known: typing.Iterable[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
 def from_dict(raw: Mapping[str, Any], source: str, base: Config | None = None) -> Config:
@@ -149,7 +155,7 @@ def from_dict(raw: Mapping[str, Any], source: str, base: Config | None = None) -
         if section not in SECTIONS:
             raise _unknown(str(section), SECTIONS, source)
         if not isinstance(values, Mapping):
-            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys")
+            raise ConfigError(f"{source}: section {section!r} must be a mapping of keys")
         target = getattr(config, section)
         names = [f.name for f in dataclasses.fields(target)]
         for key, value in values.items():
@@ -249,6 +255,7 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (0 <= data.validation_split < 1,
          "data.validation_split (--validation_split) must be in [0, 1)"),
         (data.test_per_class >= 0, "data.test_per_class (--test_per_class) must be 0 or more"),
+        (data.min_image_side >= 1, "data.min_image_side (--min_image_side) must be at least 1"),
         (data.cache_limit_mb >= 0, "data.cache_limit_mb (--cache_limit_mb) must be 0 or more"),
         (len(data.classes) >= 2, "data.classes (--classes) needs at least two class names"),
         (len({c.lower() for c in data.classes}) == len(data.classes),

@@ -62,8 +62,11 @@ def list_examples(root: str, classes: list[str]) -> list[Example]:
     """Every image file under each class folder, labelled by the class's index."""
     examples = []
     for label, folder in enumerate(find_class_dirs(root, classes)):
-        images = [rel for rel in storage.walk_files(folder)
-                  if rel.lower().endswith(IMAGE_EXTENSIONS)]
+        try:
+            files = storage.walk_files(folder)
+        except storage.SymlinkLoopError as err:
+            raise DataError(f"{folder}: {err}; remove the link") from None
+        images = [rel for rel in files if rel.lower().endswith(IMAGE_EXTENSIONS)]
         if not images:
             raise DataError(f"{folder}: class folder holds no images "
                             f"({', '.join(IMAGE_EXTENSIONS)})")

@@ -35,7 +35,14 @@ def overrides() -> dict:
 
 
 def parse_or_exit(argv: list[str]) -> list[str]:
-    """absl's parser, with one error line and exit status 2 instead of a usage dump."""
+    """absl's parser, with one error line and exit status 2 instead of a usage dump.
+
+    ``--help`` lists the trainer's flags (defined here, not in the main module) and exits 0.
+    """
+    if any(arg in ("-h", "--help", "-?") for arg in argv[1:]):
+        usage = (sys.modules["__main__"].__doc__ or "").strip()
+        print(f"{usage}\n\n{FLAGS.module_help(__name__)}")
+        sys.exit(ExitStatus.OK)
     try:
         return FLAGS(argv)
     except flags.Error as err:

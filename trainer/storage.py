@@ -58,11 +58,32 @@ def remove_tree(path: str) -> None:
 
 
 def walk_files(root: str) -> list[str]:
-    """Every file below ``root``, as paths relative to it with '/' separators, sorted."""
+    """Every file below ``root``, as paths relative to it with '/' separators, sorted.
+
+    Local trees are walked following symlinks, and a link back into a folder already being
+    walked is an error (tf.io.gfile.walk would loop forever on it).
+    """
+    if is_remote(root):
+        found = []
+        for folder, _, files in tf.io.gfile.walk(root):
+            rel = folder[len(root.rstrip("/")):].strip("/")
+            found += [posixpath.normpath(posixpath.join(rel, name)) for name in files]
+        return sorted(found)
+    return sorted(_walk_local(root, root, frozenset()))
+
+
+def _walk_local(root: str, folder: str, ancestors: frozenset) -> list[str]:
+    real = os.path.realpath(folder)
+    if real in ancestors:
+        raise SymlinkLoopError(f"symlink loop: {folder} leads back to {real}")
     found = []
-    for folder, _, files in tf.io.gfile.walk(root):
-        rel = os.path.relpath(folder, root) if not is_remote(root) else \
-            folder[len(root.rstrip("/")):].strip("/")
-        for name in files:
-            found.append(posixpath.normpath(posixpath.join(rel.replace(os.sep, "/"), name)))
-    return sorted(found)
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_dir():  # follows symlinks
+            found += _walk_local(root, entry.path, ancestors | {real})
+        elif entry.is_file():
+            found.append(os.path.relpath(entry.path, root).replace(os.sep, "/"))
+    return found
+
+
+class SymlinkLoopError(OSError):
+    """A folder tree whose symlinks lead back into itself."""

@@ -1,7 +1,8 @@
-"""``python -m trainer.task``: flags -> Config -> train.run(config).
+"""Train a chest X-ray classifier: python -m trainer.task --model=vanilla|inception [flags]
 
-Config problems are reported before TensorFlow is imported; any TrainerError ends the
-process with one line and its exit status (see trainer/errors.py).
+Flags -> Config -> train.run(config). Config problems are reported before TensorFlow is
+imported; any TrainerError ends the process with one line and its exit status (see
+trainer/errors.py). Every config key is a flag; YAML < flags.
 """
 from __future__ import annotations
 

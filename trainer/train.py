@@ -4,14 +4,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import logging as py_logging
 import os
 
 import numpy as np
 from absl import logging
 
-from trainer import callbacks, checkpoints, config as config_lib, data, distribute, metrics, \
-    models, storage
+from trainer import callbacks, checkpoints, config as config_lib, data, datacheck, distribute, \
+    metrics, models, storage
 from trainer.config import Config
 from trainer.errors import RunDirError, TrainerError
 from trainer.keras_api import keras
@@ -129,8 +128,9 @@ def log_data_summary(splits: data.Splits, weights: dict | None) -> None:
 def run(config: Config) -> dict:
     """Trains, evaluates the best checkpoint on the test split, writes metrics.json."""
     model_dir = config.output.model_dir
-    py_logging.getLogger("tensorflow").setLevel(py_logging.WARNING)  # saver chatter at INFO
     splits = data.make_splits(config.data)
+    if config.data.check:
+        splits = datacheck.check(splits, config.data)
     resuming = prepare_run_dir(config)
     weights = (data.class_weights([e.label for e in splits.train], len(splits.classes))
                if config.train.class_weights == "balanced" else None)

@@ -1,0 +1,172 @@
+"""Bad data: every kind of bad input, generated in a temporary tree, gets its documented outcome."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+from trainer import config as config_lib, data, datacheck, demo_data
+from trainer.errors import ConfigError, DataError
+
+
+def _first(root: Path, cls: str = "NORMAL") -> Path:
+    return sorted((root / cls).iterdir())[0]
+
+
+def corrupt(root):
+    (root / "NORMAL" / "corrupt.png").write_bytes(os.urandom(500))
+
+
+def truncated(root):
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "NORMAL" / "t.jpg")
+    raw = (root / "NORMAL" / "t.jpg").read_bytes()
+    (root / "NORMAL" / "t.jpg").write_bytes(raw[: len(raw) // 2])
+
+
+def zero_bytes(root):
+    (root / "COVID-19" / "empty.png").write_bytes(b"")
+
+
+def text_as_image(root):
+    (root / "COVID-19" / "notes.jpg").write_text("radiologist notes")
+
+
+def non_image_file(root):
+    (root / "COVID-19" / "notes.txt").write_text("radiologist notes")
+
+
+def too_small(root):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "NORMAL" / "tiny.png")
+
+
+def extra_folder(root):
+    (root / "Lung_Opacity").mkdir()
+    shutil.copy(_first(root), root / "Lung_Opacity" / "x.png")
+
+
+def missing_folder(root):
+    shutil.rmtree(root / "Viral Pneumonia")
+
+
+def empty_folder(root):
+    for f in (root / "Viral Pneumonia").iterdir():
+        f.unlink()
+
+
+def symlink_loop(root):
+    os.symlink(root / "NORMAL", root / "NORMAL" / "again")
+
+
+def duplicate_in_split(root):
+    shutil.copy(_first(root), root / "NORMAL" / "copy.png")
+
+
+def leak_into_test_tree(root):
+    test = root.parent / "test"
+    demo_data.generate(test, images_per_class=3, seed=9)
+    shutil.copy(_first(root), test / "NORMAL" / "leaked.png")
+
+
+def same_image_two_classes(root):
+    shutil.copy(_first(root), root / "COVID-19" / "mislabelled.png")
+
+
+# (case, mutation, flag overrides, expected error text or None, expected warning text or None)
+CASES = [
+    ("corrupt", corrupt, {}, "corrupt.png: not a readable image", None),
+    ("truncated-jpeg", truncated, {}, "t.jpg: not a readable image", None),
+    ("zero-bytes", zero_bytes, {}, "empty.png: empty file (0 bytes)", None),
+    ("text-named-jpg", text_as_image, {}, "notes.jpg: not a readable image", None),
+    ("too-small", too_small, {}, "tiny.png: too small (8x8; --min_image_side is 32)", None),
+    ("corrupt-skipped", corrupt, {"on_bad_image": "skip"}, None, "leaving out 1 bad images"),
+    ("too-small-allowed", too_small, {"min_image_side": 8}, None, None),
+    ("non-image-file", non_image_file, {}, None, "ignoring 1 non-image files"),
+    ("extra-folder", extra_folder, {}, None, "Lung_Opacity: not one of the classes"),
+    ("missing-folder", missing_folder, {}, "no folder for class 'Viral Pneumonia'", None),
+    ("empty-folder", empty_folder, {}, "class folder holds no images", None),
+    ("symlink-loop", symlink_loop, {}, "symlink loop", None),
+    ("duplicate-in-split", duplicate_in_split, {"test_per_class": 0, "validation_split": 0.0},
+     None, "1 duplicate images inside a split"),
+    ("leak", leak_into_test_tree, {}, "1 images appear in two splits", None),
+    ("leak-warned", leak_into_test_tree, {"on_leak": "warn"}, None, "1 images appear in two splits"),
+    ("two-classes", same_image_two_classes, {}, "1 images appear under two classes", None),
+    ("clean", lambda root: None, {}, None, None),
+]
+
+
+@pytest.mark.parametrize("case, mutate, overrides, error, warning", CASES, ids=[c[0] for c in CASES])
+def test_bad_inputs(tmp_path, caplog, case, mutate, overrides, error, warning):
+    root = tmp_path / "data"
+    demo_data.generate(root, images_per_class=12, seed=2)
+    mutate(root)
+    test_dir = str(root.parent / "test") if (root.parent / "test").exists() else ""
+    config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_dir": test_dir,
+                                                   "test_per_class": 2, **overrides})
+    if error:
+        with pytest.raises(DataError) as err:
+            datacheck.check(data.make_splits(config.data), config.data)
+        assert error in str(err.value)
+        return
+    with caplog.at_level("WARNING"):
+        splits = datacheck.check(data.make_splits(config.data), config.data)
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    if warning:
+        assert warning in warnings
+    else:
+        assert not warnings
+    paths = [e.path for name in data.SPLITS for e in getattr(splits, name)]
+    assert all(datacheck.inspect(p, config.data.min_image_side).problem is None for p in paths)
+
+
+def test_skipped_bad_image_run_completes(tmp_path, tiny_config, demo_tree):
+    corrupt(demo_tree)
+    zero_bytes(demo_tree)
+    tiny_config.data.on_bad_image = "skip"
+    tiny_config.train.epochs = 1
+    from trainer import train
+    results = train.run(tiny_config)
+    assert sum(map(sum, results["counts"].values())) == 90  # the two bad files left out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2048))
+def test_decoding_random_bytes_never_crashes(raw):
+    problem = datacheck.decode_error(raw)
+    assert problem is None or problem.startswith(("empty file", "not a readable image"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=8, max_size=400))
+def test_decoding_mangled_png_never_crashes(tail):
+    image = Image.fromarray(np.zeros((40, 40), np.uint8))
+    import io
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    raw = buf.getvalue()[:60] + tail
+    problem = datacheck.decode_error(raw)
+    assert problem is None or problem.startswith("not a readable image")
+
+
+YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8)
+KEYS = st.sampled_from(["data", "model", "train", "runtime", "output", "bogus"])
+LEAVES = st.sampled_from(list(config_lib.leaf_fields()) + ["bogus"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(KEYS, st.dictionaries(LEAVES, YAML_VALUES, max_size=4) | YAML_VALUES,
+                       max_size=4))
+def test_config_loader_only_raises_config_errors(raw):
+    from trainer import models
+    try:
+        config = config_lib.from_dict(raw, "random.yaml")
+        config_lib.validate(config, models.min_image_sizes())
+    except ConfigError as err:
+        assert str(err) and "\n" not in str(err)

@@ -1,0 +1,176 @@
+"""The data check run before training: unreadable, empty or tiny images, stray files and
+folders, and duplicate images within and across splits (leakage that inflates test scores).
+
+Every image is read and decoded with the pipeline's own decoder once, so a bad file is found
+before training starts instead of crashing an epoch in the middle of a run.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+
+import tensorflow as tf
+from absl import logging
+
+from trainer import storage
+from trainer.config import DataConfig
+from trainer.data import IMAGE_EXTENSIONS, SPLITS, Example, Splits
+from trainer.errors import DataError
+
+MAX_LISTED = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """What the check learnt about one file: its content hash, or why it cannot be used."""
+
+    path: str
+    sha256: str
+    problem: str | None
+
+
+@dataclasses.dataclass
+class Report:
+    bad: list[ImageInfo]
+    duplicates: list[tuple[str, str]]  # same bytes twice inside one split
+    leaks: list[tuple[str, str, str, str]]  # (path, split, path, split): same bytes in two splits
+    conflicts: list[tuple[str, str]]  # same bytes under two classes
+    stray_folders: list[str]
+    stray_files: list[str]
+
+
+def decode_error(raw: bytes) -> str | None:
+    """Why the pipeline's decoder cannot read these bytes, or None if it can."""
+    if not raw:
+        return "empty file (0 bytes)"
+    try:
+        tf.io.decode_image(raw, channels=3, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
+        detail = str(err.message).split("}}")[-1].strip().splitlines()[0]
+        return f"not a readable image ({detail[:120]})"
+    return None
+
+
+def inspect(path: str, min_side: int) -> ImageInfo:
+    """Reads and decodes one file; never raises for bad content."""
+    try:
+        raw = storage.read_bytes(path)
+    except (OSError, tf.errors.OpError) as err:
+        return ImageInfo(path, "", f"cannot be read ({str(err).splitlines()[0][:120]})")
+    digest = hashlib.sha256(raw).hexdigest()
+    problem = decode_error(raw)
+    if problem is None:
+        height, width = _shape(raw)
+        if min(height, width) < min_side:
+            problem = f"too small ({width}x{height}; --min_image_side is {min_side})"
+    return ImageInfo(path, digest, problem)
+
+
+def _shape(raw: bytes) -> tuple[int, int]:
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def stray_entries(root: str, classes: list[str]) -> tuple[list[str], list[str]]:
+    """Folders under ``root`` that are no configured class, and non-image files in class folders."""
+    wanted = {c.lower() for c in classes}
+    folders = [name for name in storage.listdir(root) if storage.isdir(storage.join(root, name))]
+    stray_folders = [storage.join(root, n) for n in folders if n.lower() not in wanted]
+    stray_files = []
+    for name in folders:
+        if name.lower() in wanted:
+            folder = storage.join(root, name)
+            stray_files += [storage.join(folder, rel) for rel in storage.walk_files(folder)
+                            if not rel.lower().endswith(IMAGE_EXTENSIONS)]
+    return stray_folders, stray_files
+
+
+def _split_of(splits: Splits) -> dict[str, tuple[str, Example]]:
+    return {e.path: (name, e) for name in SPLITS for e in getattr(splits, name)}
+
+
+def scan(splits: Splits, data: DataConfig, workers: int = 8) -> Report:
+    """Inspects every image of every split and cross-checks their content hashes."""
+    where = _split_of(splits)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        infos = list(pool.map(lambda p: inspect(p, data.min_image_side), where))
+    by_hash = collections.defaultdict(list)
+    for info in infos:
+        if info.problem is None:
+            by_hash[info.sha256].append(info.path)
+    duplicates, leaks, conflicts = [], [], []
+    for paths in by_hash.values():
+        first, first_split = paths[0], where[paths[0]]
+        for other in paths[1:]:
+            split, example = where[other]
+            if example.label != first_split[1].label:
+                conflicts.append((first, other))
+            elif split != first_split[0]:
+                leaks.append((first, first_split[0], other, split))
+            else:
+                duplicates.append((first, other))
+    roots = [data.data_dir] + ([data.test_dir] if data.test_dir else [])
+    stray_folders, stray_files = [], []
+    for root in roots:
+        folders, files = stray_entries(root, data.classes)
+        stray_folders += folders
+        stray_files += files
+    return Report([i for i in infos if i.problem], duplicates, leaks, conflicts,
+                  stray_folders, stray_files)
+
+
+def _listing(lines: list[str]) -> str:
+    shown = "\n".join(f"  {line}" for line in lines[:MAX_LISTED])
+    more = len(lines) - MAX_LISTED
+    return shown + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def apply(report: Report, splits: Splits, data: DataConfig) -> Splits:
+    """Fails, warns or drops files as ``on_bad_image`` / ``on_leak`` say; returns usable splits."""
+    for folder in report.stray_folders:
+        logging.warning("ignoring folder %s: not one of the classes %s", folder, data.classes)
+    if report.stray_files:
+        logging.warning("ignoring %d non-image files in class folders:\n%s",
+                        len(report.stray_files), _listing(report.stray_files))
+    if report.duplicates:
+        logging.warning("%d duplicate images inside a split (same content):\n%s",
+                        len(report.duplicates), _listing([f"{a} == {b}" for a, b in report.duplicates]))
+    if report.conflicts:
+        raise DataError(f"{len(report.conflicts)} images appear under two classes (same content, "
+                        "different labels); remove the wrong copies:\n"
+                        + _listing([f"{a} == {b}" for a, b in report.conflicts]))
+    if report.leaks:
+        lines = [f"{a} ({sa}) == {b} ({sb})" for a, sa, b, sb in report.leaks]
+        message = (f"{len(report.leaks)} images appear in two splits (leakage inflates test "
+                   "scores):\n" + _listing(lines))
+        if data.on_leak == "fail":
+            raise DataError(message + "\nremove the copies, or pass --on_leak=warn to train anyway")
+        logging.warning("%s", message)
+    if not report.bad:
+        return splits
+    lines = [f"{info.path}: {info.problem}" for info in report.bad]
+    if data.on_bad_image == "fail":
+        raise DataError(f"{len(report.bad)} bad images:\n{_listing(lines)}\nfix or remove them, "
+                        "or pass --on_bad_image=skip to train without them")
+    kinds = collections.Counter(info.problem.split(" (")[0] for info in report.bad)
+    logging.warning("--on_bad_image=skip: leaving out %d bad images (%s):\n%s", len(report.bad),
+                    ", ".join(f"{n} {kind}" for kind, n in kinds.items()), _listing(lines))
+    bad = {info.path for info in report.bad}
+    kept = {name: [e for e in getattr(splits, name) if e.path not in bad] for name in SPLITS}
+    return Splits(splits.classes, kept["train"], kept["val"], kept["test"])
+
+
+def check(splits: Splits, data: DataConfig) -> Splits:
+    """Runs the check (logging its progress) and returns the splits to train on."""
+    total = sum(len(getattr(splits, name)) for name in SPLITS)
+    logging.info("checking %d images (decode, size, duplicates, leakage)...", total)
+    report = scan(splits, data)
+    checked = apply(report, splits, data)
+    for label, count in zip(checked.classes, checked.counts()["train"]):
+        if count == 0:
+            raise DataError(f"no usable training images of class '{label}' are left")
+    logging.info("data check: %d bad, %d duplicates, %d leaks, %d stray files", len(report.bad),
+                 len(report.duplicates), len(report.leaks), len(report.stray_files))
+    return checked
