@@ -1,0 +1,288 @@
+"""Clinical metrics against sklearn, evaluate on a saved run, plots, Grad-CAM, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from trainer import metrics
+
+CLASSES = ["COVID-19", "NORMAL", "Viral Pneumonia"]
+
+
+def _random_case(seed: int, n: int, skill: float):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3)) + skill * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, p
+
+
+def _never_predicts_last():
+    y = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    p = np.array([[.8, .1, .1], [.3, .6, .1], [.2, .7, .1], [.6, .3, .1],
+                  [.5, .4, .1], [.2, .5, .3], [.9, .05, .05], [.1, .8, .1]])
+    return y, p
+
+
+METRIC_CASES = {
+    "random": _random_case(0, 60, 0.0),
+    "skilled": _random_case(1, 200, 2.5),
+    "imbalanced": (np.r_[np.zeros(5, int), np.ones(40, int), np.full(15, 2)],
+                   _random_case(2, 60, 0.0)[1]),
+    "perfect": (np.array([0, 1, 2, 2, 1, 0]), np.eye(3)[[0, 1, 2, 2, 1, 0]] * 0.9 + 0.1 / 3),
+    "never_predicts_a_class": _never_predicts_last(),
+}
+
+
+@pytest.mark.parametrize("case", METRIC_CASES)
+def test_clinical_metrics_equal_sklearn(case):
+    y, p = METRIC_CASES[case]
+    pred = p.argmax(axis=1)
+    report = metrics.clinical(y, p, CLASSES)
+    labels = [0, 1, 2]
+    prec, rec, f1, support = skm.precision_recall_fscore_support(y, pred, labels=labels,
+                                                                 zero_division=0)
+    for i, name in enumerate(CLASSES):
+        row = report["per_class"][name]
+        pos, hit = y == i, pred == i
+        assert row["sensitivity"] == pytest.approx(rec[i])
+        assert row["ppv"] == row["precision"] == pytest.approx(prec[i])
+        assert row["f1"] == pytest.approx(f1[i])
+        assert row["support"] == support[i]
+        assert row["specificity"] == pytest.approx(skm.recall_score(~pos, ~hit, zero_division=0))
+        assert row["npv"] == pytest.approx(skm.precision_score(~pos, ~hit, zero_division=0))
+        assert row["auc"] == pytest.approx(skm.roc_auc_score(pos, p[:, i]))
+    for kind in ("macro", "weighted"):
+        s_prec, s_rec, s_f1, _ = skm.precision_recall_fscore_support(
+            y, pred, labels=labels, average=kind, zero_division=0)
+        avg = report["averages"][kind]
+        assert (avg["ppv"], avg["sensitivity"], avg["f1"]) == pytest.approx((s_prec, s_rec, s_f1))
+        assert avg["auc"] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr",
+                                                             average=kind))
+    assert report["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert report["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=labels).tolist()
+    low, high = report["accuracy_ci95"]
+    assert low <= report["accuracy"] <= high
+
+
+def test_auc_is_none_for_a_class_absent_from_the_labels():
+    y = np.array([0, 1, 0, 1])
+    p = np.array([[.7, .2, .1], [.2, .7, .1], [.6, .3, .1], [.1, .8, .1]])
+    report = metrics.clinical(y, p, CLASSES)
+    assert report["per_class"]["Viral Pneumonia"]["auc"] is None
+    assert report["averages"]["macro"]["auc"] is None
+    json.dumps(report)  # None, not NaN: valid JSON
+
+
+# Published Wilson 95% intervals (Newcombe 1998, table I; Brown, Cai & DasGupta 2001).
+WILSON_CASES = [
+    (0, 10, (0.0, 0.2775)),
+    (5, 10, (0.2366, 0.7634)),
+    (10, 10, (0.7225, 1.0)),
+    (81, 263, (0.2553, 0.3662)),
+    (15, 148, (0.0624, 0.1605)),
+]
+
+
+@pytest.mark.parametrize("k, n, expected", WILSON_CASES)
+def test_wilson_interval(k, n, expected):
+    assert metrics.wilson_interval(k, n) == pytest.approx(expected, abs=1e-4)
+
+
+def test_wilson_interval_of_nothing_is_none():
+    assert metrics.wilson_interval(0, 0) is None
+
+
+@pytest.mark.parametrize("case", ["random", "skilled", "imbalanced"])
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.95, 1.0])
+def test_operating_point_is_the_highest_threshold_reaching_the_target(case, target):
+    y, p = METRIC_CASES[case]
+    op = metrics.operating_point(y, p, 0, target)
+    pos, score = y == 0, p[:, 0]
+    flagged = score >= op["threshold"]
+    assert op["sensitivity"] == pytest.approx(flagged[pos].mean()) and op["sensitivity"] >= target
+    assert op["specificity"] == pytest.approx((~flagged[~pos]).mean())
+    higher = score[score > op["threshold"]]
+    if higher.size:  # the next threshold up misses the target
+        assert (score[pos] >= higher.min()).mean() < target
+    assert op["specificity_cost"] == pytest.approx(op["argmax_specificity"] - op["specificity"])
+
+
+# --- a saved run --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished tiny vanilla run on generated images (trained once for this module)."""
+    from trainer import config as config_lib, demo_data, train
+    root = tmp_path_factory.mktemp("eval")
+    demo_data.generate(root / "data", images_per_class=30, seed=1)
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(root / "data"), "image_size": 16, "test_per_class": 6,
+        "batch_size": 16, "epochs": 3, "model_dir": str(root / "run")})
+    train.run(config)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def evaluated(run_dir):
+    from trainer import evaluate
+    out_dir, results = evaluate.evaluate(evaluate.Options(str(run_dir), gradcam=2))
+    return Path(out_dir), results
+
+
+def test_evaluate_reproduces_the_training_time_metrics(run_dir, evaluated):
+    out_dir, results = evaluated
+    assert out_dir == run_dir / "eval" / "best-test"
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    saved = json.loads((out_dir / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    for name, value in trained["test"].items():
+        assert saved["test"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert saved["confusion_matrix"] == trained["confusion_matrix"]
+    assert saved["accuracy"] == trained["accuracy"]
+    for name in CLASSES:
+        for key, value in trained["per_class"][name].items():
+            assert saved["per_class"][name][key] == pytest.approx(value), (name, key)
+    assert saved["counts"]["test"] == [6, 6, 6]
+    assert "identical" in (out_dir / "report.md").read_text()
+
+
+PNGS = [("confusion_matrix.png", (600, 500)), ("roc.png", (600, 550)),
+        ("gradcam.png", (400, 705))]  # Grad-CAM: 2 per class x 3 classes, 200 x 235 px each
+
+
+@pytest.mark.parametrize("name, size", PNGS)
+def test_plots_are_pngs_of_the_expected_size(evaluated, name, size):
+    path = evaluated[0] / name
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == size
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.std() > 5  # something was drawn
+
+
+@pytest.mark.parametrize("name, must_contain", [
+    ("report.md", ["## Per class", "![ROC curves](roc.png)", "COVID-19 operating point",
+                   "gradcam.png", "95% CI", "macro avg", "image_size: 16"]),
+    ("report.html", ["<table>", "<img src='confusion_matrix.png'", "weighted avg"]),
+    ("predictions.csv", ["path,true,predicted,p_COVID-19,p_NORMAL,p_Viral Pneumonia"]),
+])
+def test_report_files(evaluated, name, must_contain):
+    text = (evaluated[0] / name).read_text()
+    for piece in must_contain:
+        assert piece in text, piece
+
+
+def test_source_breakdown_flags_a_confounded_class():
+    from trainer import evaluate
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    preds = np.array([0, 0, 1, 2, 2, 2])
+    out = evaluate.source_breakdown(["a", "b", "k", "k", "k", "k"], labels, preds, CLASSES)
+    assert out["confounded_classes"] == ["COVID-19"]
+    assert out["by_source"]["k"]["accuracy"] == 0.75
+    assert out["by_source"]["k"]["predicted"] == {"COVID-19": 0, "NORMAL": 1,
+                                                  "Viral Pneumonia": 3}
+
+
+@pytest.mark.parametrize("n, expected", [
+    (0, [[], [], []]),
+    (1, [[0], [2], [3]]),  # a wrong one where there is one
+    (2, [[1, 0], [4, 2], [3, 5]]),  # correct ones first in the row, then the wrong ones
+    (3, [[1, 0], [4, 2], [3, 5]]),  # no more images than the class has
+])
+def test_gradcam_picks_wrong_and_correct_images(n, expected):
+    from trainer import evaluate
+    labels = [0, 0, 1, 2, 1, 2]
+    preds = [1, 0, 0, 2, 1, 2]
+    assert evaluate.pick_for_gradcam(labels, preds, n, 3) == expected
+
+
+# --- Grad-CAM -----------------------------------------------------------------------------
+
+LESION = (slice(3, 9), slice(18, 24))  # rows, columns of the bright square in 32 x 32 images
+
+
+def _lesion_images(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 0.4, size=(n, 32, 32, 3)).astype("float32")
+    y = np.arange(n) % 2
+    x[y == 1, LESION[0], LESION[1], :] = 1.0
+    return x, y
+
+
+def test_gradcam_heatmap_peaks_on_the_lesion_the_model_learned():
+    from trainer import gradcam, models
+    from trainer.config import ModelConfig
+    from trainer.keras_api import keras
+    keras.utils.set_random_seed(3)
+    model = models.build(ModelConfig(), 32, 2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+    x, y = _lesion_images(200, 0)
+    model.fit(x, keras.utils.to_categorical(y, 2), epochs=4, batch_size=32, verbose=0)
+    test_x, test_y = _lesion_images(8, 1)
+    assert (model.predict(test_x, verbose=0).argmax(axis=1) == test_y).all()
+    lesion = test_x[test_y == 1]
+    maps, probs = gradcam.heatmaps(model, lesion, class_indices=[1] * len(lesion))
+    assert maps.shape == (len(lesion), 32, 32)
+    assert maps.max() == pytest.approx(1.0) and maps.min() >= 0
+    for heat in maps:
+        row, col = np.unravel_index(heat.argmax(), heat.shape)
+        assert LESION[0].start - 2 <= row < LESION[0].stop + 2, (row, col)
+        assert LESION[1].start - 2 <= col < LESION[1].stop + 2, (row, col)
+        inside = heat[LESION].mean()
+        assert inside > 2 * heat.mean()
+
+
+@pytest.mark.parametrize("architecture, size, layer", [("vanilla", 24, "conv"),
+                                                        ("inception", 75, "inception_v3")])
+def test_gradcam_finds_the_last_convolution(architecture, size, layer):
+    from trainer import gradcam, models
+    from trainer.config import ModelConfig
+    model = models.build(ModelConfig(architecture=architecture, weights="none"), size, 3)
+    assert gradcam.last_conv_layer(model).name == layer
+    images = np.random.default_rng(0).uniform(size=(2, size, size, 3)).astype("float32")
+    maps, probs = gradcam.heatmaps(model, images)
+    assert maps.shape == (2, size, size) and probs.shape == (2, 3)
+    assert np.isfinite(maps).all()
+
+
+# --- the command line ---------------------------------------------------------------------
+
+def _evaluate_cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", "trainer.evaluate", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_a_named_evaluation(run_dir):
+    proc = _evaluate_cli([f"--model_dir={run_dir}", "--checkpoint=last", "--eval_name=mine",
+                          "--covid_sensitivity=0.9"])
+    assert proc.returncode == 0, proc.stderr
+    assert "Test metrics" in proc.stdout and "specificity" in proc.stdout
+    assert "operating point" in proc.stdout
+    saved = json.loads((run_dir / "eval" / "mine" / "metrics.json").read_text())
+    assert saved["checkpoint"].endswith("last.keras")
+    assert saved["operating_point"]["target_sensitivity"] == 0.9
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model_dir=/no/such/run"], "--model_dir /no/such/run holds no run"),
+    (["--image_size=32"], "--image_size cannot be changed when evaluating"),
+    (["--checkpoint=/no/such.keras"], "--checkpoint: no such checkpoint"),
+])
+def test_cli_errors_are_one_line(run_dir, args, message):
+    if not any(a.startswith("--model_dir") for a in args):
+        args = [f"--model_dir={run_dir}", *args]
+    proc = _evaluate_cli(args)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,77 @@
+"""Grad-CAM heatmaps: where a model looks for its decision.
+
+The heatmap is the ReLU of the last convolution's feature maps weighted by the class score's
+gradient, upsampled to the input's size. The class score is the logit before the softmax, so a
+confident prediction still has gradients.
+
+By default the weights are element-wise (HiResCAM, Draelos & Carin 2020): gradient times
+activation at each position, summed over channels. For a global-pooling head (InceptionV3)
+this equals Grad-CAM (Selvaraju et al. 2017) up to a constant, because the gradient is the same
+at every position; for the vanilla ConvNet's Flatten -> Dense head, Grad-CAM's spatially averaged
+gradients cancel out (the head weighs every position differently) while HiResCAM stays
+faithful. ``method="gradcam"`` gives the original averaging.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.keras_api import keras
+
+
+def _output(layer):
+    """The layer's output in its model's graph (a nested model's own node is its only one)."""
+    return layer.get_output_at(len(layer.inbound_nodes) - 1)
+
+
+def last_conv_layer(model):
+    """The last top-level layer with a 4-D output that is a convolution or a nested model (a
+    convolutional base such as InceptionV3)."""
+    for layer in reversed(model.layers):
+        is_conv = isinstance(layer, keras.Model) or "Conv" in type(layer).__name__
+        if is_conv and len(_output(layer).shape) == 4:
+            return layer
+    raise ValueError(f"model {model.name} has no convolution layer for Grad-CAM")
+
+
+def _grad_model(model, layer):
+    """input -> (feature maps, logits input); the last layer if it is a softmax Dense."""
+    final = model.layers[-1]
+    softmax_dense = isinstance(final, keras.layers.Dense) and \
+        getattr(final.activation, "__name__", "") == "softmax"
+    head = final.input if softmax_dense else model.output
+    return keras.Model(model.inputs, [_output(layer), head]), (final if softmax_dense else None)
+
+
+METHODS = ("hirescam", "gradcam")
+
+
+def heatmaps(model, images: np.ndarray, class_indices=None, layer=None,
+             method: str = "hirescam") -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM maps in [0, 1] of shape [N, H, W] (the input's size), and the probabilities.
+
+    ``class_indices`` chooses the explained class per image (default: the predicted one).
+    """
+    layer = layer or last_conv_layer(model)
+    grad_model, dense = _grad_model(model, layer)
+    x = tf.convert_to_tensor(images, tf.float32)
+    with tf.GradientTape() as tape:
+        features, head = grad_model(x, training=False)
+        features = tf.cast(features, tf.float32)
+        tape.watch(features)
+        head = tf.cast(head, tf.float32)
+        logits = tf.matmul(head, tf.cast(dense.kernel, tf.float32)) + \
+            tf.cast(dense.bias, tf.float32) if dense is not None else head
+        probs = tf.nn.softmax(logits) if dense is not None else head
+        chosen = tf.argmax(probs, axis=1, output_type=tf.int32) if class_indices is None else \
+            tf.convert_to_tensor(class_indices, tf.int32)
+        score = tf.gather(logits, chosen, batch_dims=1)
+    grads = tape.gradient(score, features)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    weights = grads if method == "hirescam" else tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+    cam = tf.image.resize(cam[..., None], tf.shape(x)[1:3], method="bilinear")[..., 0]
+    peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+    cam = tf.math.divide_no_nan(cam, peak)
+    return cam.numpy(), probs.numpy()
