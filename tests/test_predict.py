@@ -1,0 +1,110 @@
+"""python -m trainer.predict on good and bad files, in every output format."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer import checkpoints, config as config_lib, models, predict
+from trainer.errors import ConfigError
+
+CLASSES = ["COVID-19", "NORMAL", "Viral Pneumonia"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder with an (untrained) checkpoint: enough to predict with."""
+    root = tmp_path_factory.mktemp("predict") / "run"
+    config = config_lib.load("vanilla", overrides={"image_size": 16, "model_dir": str(root)})
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "config.yaml").write_text(config_lib.to_yaml(config))
+    model = models.build(config.model, 16, 3)
+    model.compile(loss="categorical_crossentropy")
+    checkpoints.save(model, str(root / "checkpoints" / "best.keras"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, size=(30, 30, 3), dtype=np.uint8)
+    (root / "folder" / "sub").mkdir(parents=True)
+    paths = {"png": root / "a.png", "jpeg": root / "b.jpg", "gray": root / "folder" / "c.png",
+             "nested": root / "folder" / "sub" / "d.bmp"}
+    Image.fromarray(pixels).save(paths["png"])
+    Image.fromarray(pixels).save(paths["jpeg"])
+    Image.fromarray(pixels[..., 0]).save(paths["gray"])
+    Image.fromarray(pixels).save(paths["nested"])
+    (root / "text.png").write_text("not an image")
+    truncated = paths["png"].read_bytes()
+    (root / "truncated.png").write_bytes(truncated[:len(truncated) // 3])
+    (root / "empty").mkdir()
+    (root / "folder" / "notes.txt").write_text("ignored: not an image extension")
+    out = {k: str(v) for k, v in paths.items()}
+    out.update(text=str(root / "text.png"), truncated=str(root / "truncated.png"),
+               missing=str(root / "missing.png"), folder=str(root / "folder"),
+               empty=str(root / "empty"))
+    return out
+
+
+CASES = [
+    (["png"], ["png"], []),
+    (["png", "jpeg"], ["png", "jpeg"], []),
+    (["folder"], ["gray", "nested"], []),
+    (["text", "png"], ["png"], ["text.png: cannot read it as an image"]),
+    (["truncated", "jpeg"], ["jpeg"], ["truncated.png: cannot read it as an image"]),
+    (["missing", "png"], ["png"], ["missing.png: no such file or folder"]),
+    (["empty"], [], ["folder holds no images"]),
+]
+
+
+@pytest.mark.parametrize("given, predicted, errors", CASES)
+def test_good_files_are_predicted_and_bad_ones_reported(run_dir, files, given, predicted, errors):
+    text, bad = predict.predict(str(run_dir), [files[k] for k in given], kind="json")
+    rows = json.loads(text) if text else []
+    assert [r["path"] for r in rows] == [files[k] for k in predicted]
+    for row in rows:
+        assert set(row["probabilities"]) == set(CLASSES)
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["class"] == max(row["probabilities"], key=row["probabilities"].get)
+    assert len(bad) == len(errors)
+    for line, expected in zip(bad, errors):
+        assert expected in line and "\n" not in line and "{{" not in line
+
+
+def test_formats_agree(run_dir, files):
+    paths = [files["png"], files["jpeg"]]
+    rows = json.loads(predict.predict(str(run_dir), paths, kind="json")[0])
+    table = list(csv.DictReader(io.StringIO(predict.predict(str(run_dir), paths, kind="csv")[0])))
+    plain = predict.predict(str(run_dir), paths, kind="table")[0].splitlines()
+    assert [r["path"] for r in table] == paths and plain[0].split()[:2] == ["path", "class"]
+    for row, line, entry in zip(rows, plain[1:], table):
+        assert entry["class"] == row["class"] and line.split()[1] == row["class"]
+        for c in CLASSES:
+            assert float(entry[c]) == pytest.approx(row["probabilities"][c], abs=1e-6)
+
+
+def test_no_images_given_is_a_usage_error(run_dir):
+    with pytest.raises(ConfigError, match="no images given"):
+        predict.predict(str(run_dir), [])
+
+
+def test_cli_reports_bad_files_and_continues(run_dir, files):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-m", "trainer.predict", f"--model_dir={run_dir}",
+                           "--format=csv", files["text"], files["png"], files["missing"]],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [r["path"] for r in rows] == [files["png"]]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "Traceback" not in proc.stderr

@@ -1,0 +1,137 @@
+"""``python -m trainer.predict --model_dir=RUN IMAGE_OR_DIR...``: class probabilities per image.
+
+Images are decoded exactly as in training (``data.decode_image``). A file that cannot be read
+or decoded gets one ``error:`` line on stderr and the others continue; the exit status is then
+3 (data error). Folders are searched recursively for image files.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+
+from trainer import flags as trainer_flags, runs
+from trainer.errors import ConfigError, DataError, ExitStatus, TrainerError
+
+trainer_flags.define_config_flags()
+flags.DEFINE_string("checkpoint", "best", "Checkpoint: best, last, or a .keras path (local or "
+                    "gs://).")
+flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format on stdout.")
+
+CHUNK = 64  # images decoded and predicted together
+
+
+def expand(paths: list[str]) -> tuple[list[str], list[str]]:
+    """(image files, error lines): folders become their image files, sorted."""
+    from trainer import data, storage
+    files, errors = [], []
+    for path in paths:
+        if storage.isdir(path):
+            found = [storage.join(path, rel) for rel in storage.walk_files(path)
+                     if rel.lower().endswith(data.IMAGE_EXTENSIONS)]
+            if not found:
+                errors.append(f"{path}: folder holds no images ({', '.join(data.IMAGE_EXTENSIONS)})")
+            files += found
+        elif storage.exists(path):
+            files.append(path)
+        else:
+            errors.append(f"{path}: no such file or folder")
+    return files, errors
+
+
+def decode_file(path: str, image_size: int, interpolation: str):
+    """The training decode of one file; a DataError naming it if it is not a readable image."""
+    import tensorflow as tf
+    from trainer import data, storage
+    try:
+        return data.decode_image(storage.read_bytes(path), image_size, interpolation).numpy()
+    except (tf.errors.OpError, OSError, ValueError) as err:
+        reason = re.sub(r"\{\{.*?\}\}\s*", "", str(getattr(err, "message", err)))
+        reason = reason.splitlines()[0][:160]
+        raise DataError(f"{path}: cannot read it as an image ({reason})") from None
+
+
+def predict_files(model, paths: list[str], image_size: int,
+                  interpolation: str) -> tuple[list[tuple[str, list[float]]], list[str]]:
+    """(path, probabilities) for each readable file, and an error line for each other one."""
+    import numpy as np
+    results, errors = [], []
+    for start in range(0, len(paths), CHUNK):
+        good, images = [], []
+        for path in paths[start:start + CHUNK]:
+            try:
+                images.append(decode_file(path, image_size, interpolation))
+                good.append(path)
+            except DataError as err:
+                errors.append(str(err))
+        if images:
+            probs = model.predict(np.stack(images), verbose=0)
+            results += [(p, [float(v) for v in row]) for p, row in zip(good, probs)]
+    return results, errors
+
+
+def format_results(results: list, classes: list[str], kind: str) -> str:
+    rows = [{"path": path, "class": classes[max(range(len(p)), key=p.__getitem__)],
+             "probabilities": dict(zip(classes, p))} for path, p in results]
+    if kind == "json":
+        return json.dumps(rows, indent=2)
+    if kind == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "class", *classes])
+        for r in rows:
+            writer.writerow([r["path"], r["class"],
+                             *[f"{r['probabilities'][c]:.6f}" for c in classes]])
+        return out.getvalue().rstrip("\n")
+    width = max([len("path")] + [len(r["path"]) for r in rows])
+    cls_width = max(len("class"), *(len(c) for c in classes))
+    lines = [f"{'path':<{width}}  {'class':<{cls_width}}" +
+             "".join(f"  {c[:15]:>15}" for c in classes)]
+    for r in rows:
+        lines.append(f"{r['path']:<{width}}  {r['class']:<{cls_width}}" +
+                     "".join(f"  {r['probabilities'][c]:>15.4f}" for c in classes))
+    return "\n".join(lines)
+
+
+def predict(model_dir: str, paths: list[str], checkpoint: str = "best",
+            kind: str = "table") -> tuple[str, list[str]]:
+    """(formatted results, error lines) for the given files and folders."""
+    if not paths:
+        raise ConfigError("no images given: python -m trainer.predict --model_dir=RUN "
+                          "IMAGE_OR_DIR...")
+    config = runs.read_config(model_dir)
+    files, errors = expand(paths)
+    path = runs.checkpoint_path(model_dir, checkpoint)
+    model = runs.load_model(path)
+    runs.check_model_fits(model, config, path)
+    results, bad = predict_files(model, files, config.data.image_size, config.data.interpolation)
+    return format_results(results, config.data.classes, kind) if results else "", errors + bad
+
+
+def main(argv: list[str]) -> int:
+    logging.set_verbosity(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    f = trainer_flags.FLAGS
+    try:
+        text, errors = predict(f.model_dir or "", argv[1:], f.checkpoint, f.format)
+    except TrainerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_status
+    if text:
+        print(text)
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    return ExitStatus.DATA if errors else ExitStatus.OK
+
+
+def run() -> None:
+    app.run(main, flags_parser=trainer_flags.parse_or_exit)
+
+
+if __name__ == "__main__":
+    run()
