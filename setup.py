@@ -20,6 +20,7 @@ setup(
         "numpy>=1.26,<3",
         "scikit-learn>=1.5,<2",
         "Pillow>=10,<14",
+        "matplotlib>=3.7,<4",  # evaluation plots and Grad-CAM overlays
     ],
     extras_require={
         "test": [
