@@ -10,13 +10,12 @@ import io
 import json
 import os
 import re
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from trainer import config as config_lib, flags as trainer_flags, runs
+from trainer import cli, config as config_lib, flags as trainer_flags, runs
 from trainer.config import Config
-from trainer.errors import ConfigError, ExitStatus, TrainerError
+from trainer.errors import ConfigError
 
 trainer_flags.define_config_flags()
 flags.DEFINE_string("checkpoint", "best", "Checkpoint to evaluate: best, last, or a .keras path "
@@ -348,29 +347,19 @@ def print_summary(out_dir: str, results: dict) -> None:
     print(f"\nwrote {out_dir}/ (report.md, report.html, metrics.json, PNGs)")
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        return ExitStatus.USAGE
-    logging.set_verbosity(logging.INFO)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def evaluate_from_flags(argv: list[str]) -> None:
     f = trainer_flags.FLAGS
-    try:
-        if f.model or f.config:
-            raise ConfigError("--model and --config do not apply: evaluation uses the run's "
-                              "config.yaml (pass --model_dir=RUN)")
-        options = Options(f.model_dir or "", f.checkpoint, trainer_flags.overrides(),
-                          f.eval_name, f.gradcam, f.covid_sensitivity)
-        out_dir, results = evaluate(options)
-        print_summary(out_dir, results)
-    except TrainerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_status
-    return ExitStatus.OK
+    if f.model or f.config:
+        raise ConfigError("--model and --config do not apply: evaluation uses the run's "
+                          "config.yaml (pass --model_dir=RUN)")
+    options = Options(f.model_dir or "", f.checkpoint, trainer_flags.overrides(),
+                      f.eval_name, f.gradcam, f.covid_sensitivity)
+    out_dir, results = evaluate(options)
+    print_summary(out_dir, results)
 
 
 def run() -> None:
-    app.run(main, flags_parser=trainer_flags.parse_or_exit)
+    cli.run(evaluate_from_flags)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from trainer import flags as trainer_flags, runs
-from trainer.errors import ConfigError, DataError, ExitStatus, TrainerError
+from trainer import cli, flags as trainer_flags, runs
+from trainer.errors import ConfigError, DataError, ExitStatus
 
 trainer_flags.define_config_flags()
 flags.DEFINE_string("checkpoint", "best", "Checkpoint: best, last, or a .keras path (local or "
@@ -113,15 +112,9 @@ def predict(model_dir: str, paths: list[str], checkpoint: str = "best",
     return format_results(results, config.data.classes, kind) if results else "", errors + bad
 
 
-def main(argv: list[str]) -> int:
-    logging.set_verbosity(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def predict_from_flags(argv: list[str]) -> int:
     f = trainer_flags.FLAGS
-    try:
-        text, errors = predict(f.model_dir or "", argv[1:], f.checkpoint, f.format)
-    except TrainerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_status
+    text, errors = predict(f.model_dir or "", argv[1:], f.checkpoint, f.format)
     if text:
         print(text)
     for line in errors:
@@ -130,7 +123,7 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    app.run(main, flags_parser=trainer_flags.parse_or_exit)
+    cli.run(predict_from_flags, positional=True, verbosity=logging.WARNING)
 
 
 if __name__ == "__main__":

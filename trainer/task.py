@@ -6,14 +6,11 @@ trainer/errors.py). Every config key is a flag; YAML < flags.
 """
 from __future__ import annotations
 
-import logging as py_logging
 import os
-import sys
 
-from absl import app, logging
+from absl import logging
 
-from trainer import config as config_lib, demo_data, flags as trainer_flags, models
-from trainer.errors import ExitStatus, TrainerError
+from trainer import cli, config as config_lib, demo_data, flags as trainer_flags, models
 
 TUTORIAL_TRAIN_DIR = os.path.join("covid", "COVID-19 Radiography Database")
 TUTORIAL_TEST_DIR = os.path.join("covid", "COVID-19 Radiography Database Test")
@@ -49,33 +46,14 @@ def build_config() -> config_lib.Config:
     return config
 
 
-class _QuietTensorFlow(py_logging.Filter):
-    """Drops TensorFlow's own INFO chatter (e.g. one line per checkpoint) from the absl log."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or \
-            f"{os.sep}tensorflow{os.sep}" not in record.pathname
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        return ExitStatus.USAGE
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_logger().addFilter(_QuietTensorFlow())
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        config = build_config()
-        from trainer import train  # TensorFlow starts here, after the config is known good.
-        train.run(config)
-    except TrainerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_status
-    return ExitStatus.OK
+def train_from_flags(argv: list[str]) -> None:
+    config = build_config()
+    from trainer import train  # TensorFlow starts here, after the config is known good.
+    train.run(config)
 
 
 def run() -> None:
-    app.run(main, flags_parser=trainer_flags.parse_or_exit)
+    cli.run(train_from_flags)
 
 
 if __name__ == "__main__":
