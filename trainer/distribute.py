@@ -1,42 +1,161 @@
-"""Choosing the tf.distribute strategy."""
+"""Choosing the tf.distribute strategy; TF_CONFIG from a Kubernetes Indexed Job; chief or worker.
+
+The cluster part is plain Python (TensorFlow is imported only to build a strategy), so a
+broken environment is reported in one line naming the variable.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import tempfile
+from typing import Mapping, MutableMapping
 
-import tensorflow as tf
 from absl import logging
 
+from trainer.errors import ConfigError
 
-def cluster_size() -> int:
-    """Tasks in TF_CONFIG's cluster (1 when TF_CONFIG is unset)."""
-    raw = os.environ.get("TF_CONFIG")
+# The Indexed Job contract shared with the Kubernetes manifests (k8s/).
+ENV_INDEX = "JOB_COMPLETION_INDEX"  # set by Kubernetes for Indexed Jobs
+ENV_JOB_NAME = "CXR_JOB_NAME"  # the Job's name: pods are <job>-<index>
+ENV_NUM_WORKERS = "CXR_NUM_WORKERS"
+ENV_SERVICE = "CXR_WORKER_SERVICE"  # the headless Service (the pods' subdomain)
+ENV_PORT = "CXR_WORKER_PORT"
+DEFAULT_PORT = 2222
+TRAINING_TASKS = ("chief", "worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """This process's place in the cluster: its task, whether it is the chief, how many
+    training tasks (chief and workers) there are."""
+
+    task_type: str = "worker"
+    task_index: int = 0
+    is_chief: bool = True
+    num_workers: int = 1
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    raw = env.get(name, "")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def tf_config_from_env(env: Mapping[str, str]) -> dict | None:
+    """TF_CONFIG for worker JOB_COMPLETION_INDEX of an Indexed Job of CXR_NUM_WORKERS pods.
+
+    None when TF_CONFIG is already set or there is one worker. Worker i is reached at
+    ``<CXR_JOB_NAME>-<i>.<CXR_WORKER_SERVICE>:<CXR_WORKER_PORT>``; worker 0 is the chief.
+    """
+    if env.get("TF_CONFIG") or not env.get(ENV_NUM_WORKERS):
+        return None
+    count = _int_env(env, ENV_NUM_WORKERS)
+    if count < 1:
+        raise ConfigError(f"{ENV_NUM_WORKERS} must be at least 1, got {count}")
+    if count == 1:
+        return None
+    if ENV_INDEX not in env:
+        raise ConfigError(f"{ENV_INDEX} is not set; {ENV_NUM_WORKERS}={count} needs an Indexed "
+                          "Job (completionMode: Indexed) or a TF_CONFIG")
+    index = _int_env(env, ENV_INDEX)
+    if not 0 <= index < count:
+        raise ConfigError(f"{ENV_INDEX} must be in [0, {count - 1}] for {ENV_NUM_WORKERS}="
+                          f"{count}, got {index}")
+    names = {}
+    for name in (ENV_JOB_NAME, ENV_SERVICE):
+        names[name] = env.get(name, "").strip()
+        if not names[name]:
+            raise ConfigError(f"{name} is not set; it is needed to build TF_CONFIG for "
+                              f"{ENV_NUM_WORKERS}={count}")
+    port = _int_env(env, ENV_PORT) if env.get(ENV_PORT, "").strip() else DEFAULT_PORT
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{ENV_PORT} must be a port number in [1, 65535], got {port}")
+    workers = [f"{names[ENV_JOB_NAME]}-{i}.{names[ENV_SERVICE]}:{port}" for i in range(count)]
+    return {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+
+
+def read_tf_config(env: Mapping[str, str]) -> dict:
+    """TF_CONFIG parsed and checked ({} when unset), else the one an Indexed Job implies."""
+    raw = env.get("TF_CONFIG", "").strip()
     if not raw:
-        return 1
-    cluster = json.loads(raw).get("cluster", {})
-    return sum(len(tasks) for tasks in cluster.values())
+        return tf_config_from_env(env) or {}
+    try:
+        tf_config = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({err})") from None
+    cluster, task = tf_config.get("cluster"), tf_config.get("task")
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise ConfigError("TF_CONFIG needs a 'cluster' mapping and a 'task' "
+                          '{"type": ..., "index": ...}')
+    kind, index = task.get("type"), task.get("index", 0)
+    if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
+        raise ConfigError(f"TF_CONFIG task {task} is not in its cluster "
+                          f"({ {k: len(v) for k, v in cluster.items()} })")
+    return tf_config
 
 
-def resolve_name(name: str) -> str:
+def ensure_tf_config(env: MutableMapping[str, str] = os.environ) -> dict:
+    """Sets TF_CONFIG from the Indexed Job's environment when it is unset; returns it parsed."""
+    tf_config = read_tf_config(env)
+    if tf_config and not env.get("TF_CONFIG"):
+        env["TF_CONFIG"] = json.dumps(tf_config)
+        logging.info("TF_CONFIG built from the Indexed Job environment: %s", env["TF_CONFIG"])
+    return tf_config
+
+
+def cluster_size(tf_config: Mapping | None = None) -> int:
+    """Tasks in TF_CONFIG's cluster (1 when there is no TF_CONFIG)."""
+    cluster = (read_tf_config(os.environ) if tf_config is None else tf_config).get("cluster", {})
+    return max(1, sum(len(tasks) for tasks in cluster.values()))
+
+
+def role(tf_config: Mapping) -> Role:
+    """Chief: the 'chief' task if the cluster has one (Kubeflow), else worker 0."""
+    if not tf_config:
+        return Role()
+    cluster, task = tf_config["cluster"], tf_config["task"]
+    kind, index = task["type"], task.get("index", 0)
+    has_chief = bool(cluster.get("chief"))
+    chief = kind == "chief" or (kind == "worker" and index == 0 and not has_chief)
+    trainers = sum(len(cluster.get(k, [])) for k in TRAINING_TASKS)
+    return Role(kind, index, chief, max(1, trainers))
+
+
+def resolve_name(name: str, tf_config: Mapping | None = None) -> str:
     """'auto': multi_worker for a multi-task TF_CONFIG, mirrored for several GPUs, else default."""
     if name != "auto":
         return name
-    if cluster_size() > 1:
+    if cluster_size(tf_config) > 1:
         return "multi_worker"
+    import tensorflow as tf
     if len(tf.config.list_logical_devices("GPU")) > 1:
         return "mirrored"
     return "default"
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
-    resolved = resolve_name(name)
+def mirrored_devices() -> list[str]:
+    """Every GPU; without GPUs, every logical CPU device (one unless configured otherwise)."""
+    import tensorflow as tf
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return [d.name for d in devices]
+
+
+def make_strategy(name: str, tf_config: Mapping | None = None):
+    """The strategy ``name`` asks for (see resolve_name), logged with its replicas and devices."""
+    tf_config = ensure_tf_config() if tf_config is None else tf_config
+    resolved = resolve_name(name, tf_config)
+    import tensorflow as tf
     if resolved == "multi_worker":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     elif resolved == "mirrored":
-        strategy = tf.distribute.MirroredStrategy()
-    elif resolved == "one_device":
-        gpus = tf.config.list_logical_devices("GPU")
-        strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+        strategy = tf.distribute.MirroredStrategy(mirrored_devices())
+    elif resolved == "one_device":  # MirroredStrategy on one device: BackupAndRestore rejects
+        gpus = tf.config.list_logical_devices("GPU")  # OneDeviceStrategy
+        strategy = tf.distribute.MirroredStrategy([gpus[0].name if gpus else "/cpu:0"])
     else:
         strategy = tf.distribute.get_strategy()
     try:
@@ -46,4 +165,36 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
             or ["/cpu:0"]
     logging.info("strategy: %s (%s), replicas: %d, devices: %s", resolved,
                  type(strategy).__name__, strategy.num_replicas_in_sync, ", ".join(devices))
+    if resolved == "multi_worker":
+        me = role(tf_config)
+        logging.info("cluster: %d workers; this is %s %d (%s)", me.num_workers, me.task_type,
+                     me.task_index, "chief" if me.is_chief else "non-chief")
     return strategy
+
+
+def shard_by_data(dataset):
+    """Auto-shard by element under MultiWorkerMirroredStrategy: every worker gets distinct
+    images of each global batch. (The FILE policy needs file readers such as TFRecordDataset;
+    on a dataset of decoded image files tf.data would fall back to DATA with a warning.)"""
+    import tensorflow as tf
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def barrier(strategy, me: Role) -> None:
+    """Waits until every worker reaches this point (a tiny all-reduce); no-op on one worker."""
+    import tensorflow as tf
+    if me.num_workers <= 1:
+        return
+    ones = strategy.run(tf.function(lambda: tf.constant(1.0)))
+    strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+
+
+def worker_temp_dir(me: Role) -> str:
+    """A local temporary folder for a non-chief worker's checkpoints and logs."""
+    return tempfile.mkdtemp(prefix=f"cxr-{me.task_type}{me.task_index}-")
+
+
+def remove_worker_temp_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
