@@ -73,6 +73,8 @@ class TrainConfig:
                                 "none: unweighted.", ("balanced", "none"))
     patience: int = _field(5, "EarlyStopping patience in epochs (on val_loss).")
     min_delta: float = _field(0.01, "EarlyStopping minimum improvement of val_loss.")
+    backup_freq: str = _field("epoch", "Back up the training state (model_dir/backup) every "
+                              "epoch, or every N steps (a number) for long epochs.")
 
 
 @dataclasses.dataclass
@@ -82,6 +84,8 @@ class RuntimeConfig:
     mixed_precision: str = _field("none", "Mixed-precision policy.",
                                   ("none", "mixed_float16", "mixed_bfloat16"))
     jit_compile: bool = _field(False, "Compile the training step with XLA.")
+    lr_scaling: str = _field("none", "Learning rate for several replicas: none (as given) or "
+                             "linear (learning_rate x replicas).", ("none", "linear"))
 
 
 @dataclasses.dataclass
@@ -252,6 +256,9 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (train.learning_rate > 0, "train.learning_rate (--learning_rate) must be positive"),
         (train.patience >= 0, "train.patience (--patience) must be 0 or more"),
         (train.min_delta >= 0, "train.min_delta (--min_delta) must be 0 or more"),
+        (train.backup_freq == "epoch" or (train.backup_freq.isdigit()
+                                          and int(train.backup_freq) >= 1),
+         "train.backup_freq (--backup_freq) must be epoch or a positive number of steps"),
         (0 <= data.validation_split < 1,
          "data.validation_split (--validation_split) must be in [0, 1)"),
         (data.test_per_class >= 0, "data.test_per_class (--test_per_class) must be 0 or more"),

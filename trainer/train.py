@@ -7,12 +7,13 @@ import json
 import os
 
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
 from trainer import callbacks, checkpoints, config as config_lib, data, datacheck, distribute, \
     metrics, models, storage
 from trainer.config import Config
-from trainer.errors import RunDirError, TrainerError
+from trainer.errors import Preempted, RunDirError, TrainerError
 from trainer.keras_api import keras
 
 RUN_ARTIFACTS = ("config.yaml", "checkpoints", "backup", "logs", "history.csv",
@@ -82,22 +83,41 @@ def prepare_run_dir(config: Config) -> bool:
     return resuming
 
 
-def build_callbacks(config: Config, monitor: str) -> tuple[list, callbacks.StopOnNaN]:
+def backup_freq(config: Config) -> str | int:
+    freq = config.train.backup_freq
+    return freq if freq == "epoch" else int(freq)
+
+
+def build_callbacks(config: Config, monitor: str,
+                    out_dir: str | None = None) -> tuple[list, callbacks.StopOnNaN]:
+    """The training callbacks; checkpoints, history and logs go to ``out_dir`` (model_dir on
+    the chief, a temporary folder on other workers), the shared backup to model_dir/backup."""
     model_dir = config.output.model_dir
+    out_dir = out_dir or model_dir
     nan_guard = callbacks.StopOnNaN()
     return [
-        keras.callbacks.BackupAndRestore(storage.join(model_dir, "backup"), delete_checkpoint=True),
         nan_guard,
         keras.callbacks.EarlyStopping(monitor=monitor, patience=config.train.patience,
                                       min_delta=config.train.min_delta, mode="min"),
-        callbacks.BestAndLastCheckpoint(storage.join(model_dir, "checkpoints"), monitor=monitor),
-        callbacks.HistoryCSV(storage.join(model_dir, "history.csv")),
-        keras.callbacks.TensorBoard(storage.join(model_dir, "logs")),
+        callbacks.BestAndLastCheckpoint(storage.join(out_dir, "checkpoints"), monitor=monitor),
+        callbacks.HistoryCSV(storage.join(out_dir, "history.csv")),
+        keras.callbacks.TensorBoard(storage.join(out_dir, "logs")),
+        # Last, so an epoch is backed up only after its checkpoints and history row are written.
+        keras.callbacks.BackupAndRestore(storage.join(model_dir, "backup"),
+                                         save_freq=backup_freq(config), delete_checkpoint=True),
     ], nan_guard
 
 
-def compile_model(model, config: Config) -> None:
-    model.compile(optimizer=keras.optimizers.Adam(config.train.learning_rate),
+def scaled_learning_rate(config: Config, replicas: int) -> float:
+    """--lr_scaling=linear multiplies the learning rate by the replicas (the global batch grows)."""
+    scale = replicas if config.runtime.lr_scaling == "linear" else 1
+    return config.train.learning_rate * scale
+
+
+def compile_model(model, config: Config, learning_rate: float | None = None) -> None:
+    rate = config.train.learning_rate if learning_rate is None else learning_rate
+    model.compile(optimizer=keras.optimizers.Adam(rate),
+
                   loss="categorical_crossentropy", metrics=metrics.compiled_metrics(),
                   jit_compile=config.runtime.jit_compile)
 
@@ -125,40 +145,71 @@ def log_data_summary(splits: data.Splits, weights: dict | None) -> None:
                      {c: round(w, 3) for c, w in zip(splits.classes, weights.values())})
 
 
+def fit(model, train_ds, val_ds, config: Config, weights: dict | None, cbs: list,
+        me: distribute.Role):
+    """model.fit; a lost peer worker ends the run as preempted (exit 75): a restart resumes."""
+    try:
+        return model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs,
+                         class_weight=weights, callbacks=cbs, verbose=2)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as err:
+        if me.num_workers <= 1:
+            raise
+        raise Preempted(f"lost contact with another worker ({type(err).__name__}, see the log "
+                        f"above); restart all workers to resume from "
+                        f"{storage.join(config.output.model_dir, 'backup')}") from None
+
+
 def run(config: Config) -> dict:
     """Trains, evaluates the best checkpoint on the test split, writes metrics.json."""
     model_dir = config.output.model_dir
+    me = distribute.role(distribute.ensure_tf_config())
+    # First TensorFlow work: MultiWorkerMirroredStrategy must start before any op runs.
+    strategy = distribute.make_strategy(config.runtime.strategy)
     splits = data.make_splits(config.data)
     if config.data.check:
         splits = datacheck.check(splits, config.data)
-    resuming = prepare_run_dir(config)
+    resuming = prepare_run_dir(config) if me.is_chief else False
     weights = (data.class_weights([e.label for e in splits.train], len(splits.classes))
                if config.train.class_weights == "balanced" else None)
     log_data_summary(splits, weights)
 
-    strategy = distribute.make_strategy(config.runtime.strategy)
+    replicas = strategy.num_replicas_in_sync
+    precision = config.runtime.mixed_precision
+    keras.mixed_precision.set_global_policy("float32" if precision == "none" else precision)
+    learning_rate = scaled_learning_rate(config, replicas)
     with strategy.scope():
         keras.utils.set_random_seed(config.data.seed)
         model = models.build(config.model, config.data.image_size, len(splits.classes))
-        compile_model(model, config)
+        compile_model(model, config, learning_rate)
 
-    batch = config.train.batch_size
-    train_ds = data.make_dataset(splits.train, config.data, batch, training=True)
-    val_ds = data.make_dataset(splits.val, config.data, batch, training=False) \
-        if splits.val else None
+    batch = config.train.batch_size * replicas  # batch_size is per replica
+    logging.info("global batch %d = %d per replica x %d replicas; learning rate %g (lr_scaling=%s)",
+                 batch, config.train.batch_size, replicas, learning_rate, config.runtime.lr_scaling)
+    train_ds = distribute.shard_by_data(
+        data.make_dataset(splits.train, config.data, batch, training=True))
+    val_ds = distribute.shard_by_data(
+        data.make_dataset(splits.val, config.data, batch, training=False)) if splits.val else None
     monitor = "val_loss" if val_ds is not None else "loss"
-    cbs, nan_guard = build_callbacks(config, monitor)
-    logging.info("training %s on %d images (%s), up to %d epochs, batch %d%s",
-                 config.model.architecture, len(splits.train), model_dir, config.train.epochs,
-                 batch, " (resuming)" if resuming else "")
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs,
-                        class_weight=weights, callbacks=cbs, verbose=2)
+    out_dir = model_dir if me.is_chief else distribute.worker_temp_dir(me)
+    try:
+        cbs, nan_guard = build_callbacks(config, monitor, out_dir)
+        logging.info("training %s on %d images (%s), up to %d epochs%s",
+                     config.model.architecture, len(splits.train), out_dir, config.train.epochs,
+                     " (resuming)" if resuming else "")
+        history = fit(model, train_ds, val_ds, config, weights, cbs, me)
+    finally:
+        if not me.is_chief:
+            distribute.remove_worker_temp_dir(out_dir)
     if nan_guard.where:
         epoch, step = nan_guard.where
         raise TrainerError(f"training stopped: the loss became NaN or infinite at epoch {epoch}, "
                            f"step {step}; the last good checkpoints are in "
                            f"{storage.join(model_dir, 'checkpoints')}. Lower --learning_rate.")
 
+    distribute.barrier(strategy, me)  # every worker has written its last backup
+    if not me.is_chief:
+        logging.info("training complete; the chief writes the results to %s", model_dir)
+        return {}
     storage.remove_tree(storage.join(model_dir, "backup"))  # training completed: nothing to resume
     best_path = storage.join(model_dir, "checkpoints", "best.keras")
     best = checkpoints.load(best_path) if storage.exists(best_path) else model
