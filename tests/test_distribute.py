@@ -1,0 +1,253 @@
+"""Strategy choice, TF_CONFIG from an Indexed Job's environment, chief/worker roles, batch and
+learning-rate scaling, MirroredStrategy over two logical CPU devices, mixed precision.
+
+Runs that need two logical CPU devices run in a subprocess: the device layout must be set
+before TensorFlow initialises, which the pytest process may already have done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer import config as config_lib, distribute, models
+from trainer.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = {"CXR_JOB_NAME": "cxr-train", "CXR_WORKER_SERVICE": "cxr-workers"}
+
+
+def _workers(n: int, port: int = 2222) -> list[str]:
+    return [f"cxr-train-{i}.cxr-workers:{port}" for i in range(n)]
+
+
+# env -> expected TF_CONFIG (None: no cluster, run as one worker).
+VALID_ENVS = [
+    ({}, None),
+    ({"CXR_NUM_WORKERS": "1", "JOB_COMPLETION_INDEX": "0"}, None),
+    ({**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "0"},
+     {"cluster": {"worker": _workers(2)}, "task": {"type": "worker", "index": 0}}),
+    ({**JOB, "CXR_NUM_WORKERS": "3", "JOB_COMPLETION_INDEX": "2"},
+     {"cluster": {"worker": _workers(3)}, "task": {"type": "worker", "index": 2}}),
+    ({**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "1", "CXR_WORKER_PORT": "12345"},
+     {"cluster": {"worker": _workers(2, 12345)}, "task": {"type": "worker", "index": 1}}),
+    ({**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "1", "CXR_WORKER_PORT": ""},
+     {"cluster": {"worker": _workers(2)}, "task": {"type": "worker", "index": 1}}),
+    # An existing TF_CONFIG (Kubeflow's operator, or set by hand) always wins.
+    ({**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "1", "TF_CONFIG": "{}"}, None),
+]
+
+# env -> the variable the one-line error must name.
+BROKEN_ENVS = [
+    ({**JOB, "CXR_NUM_WORKERS": "two", "JOB_COMPLETION_INDEX": "0"}, "CXR_NUM_WORKERS"),
+    ({**JOB, "CXR_NUM_WORKERS": "0", "JOB_COMPLETION_INDEX": "0"}, "CXR_NUM_WORKERS"),
+    ({**JOB, "CXR_NUM_WORKERS": "2"}, "JOB_COMPLETION_INDEX"),
+    ({**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "x"}, "JOB_COMPLETION_INDEX"),
+    ({**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "2"}, "JOB_COMPLETION_INDEX"),
+    ({**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "-1"}, "JOB_COMPLETION_INDEX"),
+    ({"CXR_JOB_NAME": "cxr-train", "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "0"},
+     "CXR_WORKER_SERVICE"),
+    ({"CXR_WORKER_SERVICE": "s", "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "0"},
+     "CXR_JOB_NAME"),
+    ({**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "0", "CXR_WORKER_SERVICE": " "},
+     "CXR_WORKER_SERVICE"),
+    ({**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "0", "CXR_WORKER_PORT": "http"},
+     "CXR_WORKER_PORT"),
+    ({**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "0", "CXR_WORKER_PORT": "70000"},
+     "CXR_WORKER_PORT"),
+    ({"TF_CONFIG": "{not json"}, "TF_CONFIG"),
+    ({"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"]},
+                               "task": {"type": "worker", "index": 3}})}, "TF_CONFIG"),
+    ({"TF_CONFIG": json.dumps({"task": {"type": "worker", "index": 0}})}, "TF_CONFIG"),
+]
+
+
+@pytest.mark.parametrize("env, expected", VALID_ENVS)
+def test_tf_config_from_indexed_job_env(env, expected):
+    assert distribute.tf_config_from_env(env) == expected
+
+
+@pytest.mark.parametrize("env, variable", BROKEN_ENVS)
+def test_broken_cluster_env_names_the_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable) as err:
+        distribute.read_tf_config(env)
+    assert "\n" not in str(err.value)
+
+
+def test_ensure_tf_config_sets_the_variable_once():
+    env = {**JOB, "CXR_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "1"}
+    built = distribute.ensure_tf_config(env)
+    assert json.loads(env["TF_CONFIG"]) == built
+    assert distribute.ensure_tf_config(env) == built  # now read back, not rebuilt
+
+
+KUBEFLOW = {"cluster": {"chief": ["c-0:2222"], "worker": ["w-0:2222", "w-1:2222"]}}
+ROLES = [  # TF_CONFIG -> (task type, index, is chief, training tasks)
+    ({}, ("worker", 0, True, 1)),
+    ({"cluster": {"worker": _workers(2)}, "task": {"type": "worker", "index": 0}},
+     ("worker", 0, True, 2)),
+    ({"cluster": {"worker": _workers(2)}, "task": {"type": "worker", "index": 1}},
+     ("worker", 1, False, 2)),
+    ({**KUBEFLOW, "task": {"type": "chief", "index": 0}}, ("chief", 0, True, 3)),
+    ({**KUBEFLOW, "task": {"type": "worker", "index": 0}}, ("worker", 0, False, 3)),
+    ({**KUBEFLOW, "task": {"type": "worker", "index": 1}}, ("worker", 1, False, 3)),
+]
+
+
+@pytest.mark.parametrize("tf_config, expected", ROLES)
+def test_role(tf_config, expected):
+    me = distribute.role(tf_config)
+    assert (me.task_type, me.task_index, me.is_chief, me.num_workers) == expected
+
+
+@pytest.mark.parametrize("name, tf_config, expected", [
+    ("auto", {"cluster": {"worker": _workers(2)}, "task": {"type": "worker", "index": 0}},
+     "multi_worker"),
+    ("auto", {}, "default"),  # no GPU in CI
+    ("mirrored", {}, "mirrored"),
+    ("one_device", {"cluster": {"worker": _workers(2)}, "task": {"type": "worker", "index": 0}},
+     "one_device"),
+])
+def test_resolve_name(name, tf_config, expected):
+    assert distribute.resolve_name(name, tf_config) == expected
+
+
+@pytest.mark.parametrize("overrides, error", [
+    ({"backup_freq": "epoch"}, None),
+    ({"backup_freq": "25"}, None),
+    ({"backup_freq": "0"}, "--backup_freq"),
+    ({"backup_freq": "often"}, "--backup_freq"),
+    ({"lr_scaling": "linear"}, None),
+    ({"lr_scaling": "sqrt"}, "--lr_scaling"),
+    ({"strategy": "tpu"}, "--strategy"),
+])
+def test_distribution_flags_are_validated(overrides, error):
+    config = config_lib.load("vanilla", overrides=overrides)
+    if error is None:
+        config_lib.validate(config, models.min_image_sizes())
+    else:
+        with pytest.raises(ConfigError, match=error):
+            config_lib.validate(config, models.min_image_sizes())
+
+
+@pytest.mark.parametrize("scaling, replicas, expected", [
+    ("none", 1, 0.001), ("none", 8, 0.001), ("linear", 1, 0.001), ("linear", 8, 0.008)])
+def test_learning_rate_scaling(scaling, replicas, expected):
+    from trainer import train
+    config = config_lib.load("vanilla", overrides={"lr_scaling": scaling})
+    assert train.scaled_learning_rate(config, replicas) == pytest.approx(expected)
+
+
+def test_mixed_bfloat16_trains_a_step_on_cpu():
+    from trainer import train
+    from trainer.keras_api import keras
+    config = config_lib.load("vanilla", overrides={"image_size": 16, "mixed_precision":
+                                                   "mixed_bfloat16"})
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.build(config.model, 16, 3)
+        train.compile_model(model, config)
+        x = np.random.default_rng(0).random((8, 16, 16, 3), dtype=np.float32)
+        y = np.eye(3, dtype=np.float32)[np.arange(8) % 3]
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("conv").compute_dtype == "bfloat16"
+    assert model.output.dtype.name == "float32"  # softmax kept in float32
+    assert np.isfinite(history.history["loss"][0])
+
+
+# --- MirroredStrategy over two logical CPU devices, in subprocesses -------------------------
+
+TWO_CPUS = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+"""
+
+TRAIN_SCRIPT = TWO_CPUS + """
+import sys
+from trainer import task
+sys.argv = ["trainer.task"] + sys.argv[1:]
+task.run()
+"""
+
+# Evaluates one checkpoint on the test split with one device and with two replicas.
+EVAL_SCRIPT = TWO_CPUS + """
+import json, sys
+from trainer import checkpoints, config as config_lib, data, distribute
+config = config_lib.from_yaml_text(open(sys.argv[1] + "/config.yaml").read(), "config.yaml")
+test = data.make_splits(config.data).test
+out = {}
+for name in ("one_device", "mirrored"):
+    strategy = distribute.make_strategy(name, {})
+    with strategy.scope():
+        model = checkpoints.load(sys.argv[1] + "/checkpoints/best.keras")
+    ds = distribute.shard_by_data(data.make_dataset(test, config.data, 5, training=False))
+    out[name] = {"replicas": strategy.num_replicas_in_sync,
+                 **model.evaluate(ds, return_dict=True, verbose=0)}
+print("RESULT " + json.dumps(out))
+"""
+
+SMALL_RUN = ["--model=vanilla", "--image_size=16", "--test_per_class=6", "--epochs=3",
+             "--patience=10", "--seed=3"]
+# Tolerance for two training runs that differ only in how the global batch is split: the
+# gradients match up to float summation order, the dropout masks do not (they are drawn per
+# replica), so a few of the 18 test images may change class.
+TOLERANCE = {"loss": 0.05, "accuracy": 0.2}
+
+
+def _python(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    env.pop("TF_CONFIG", None)
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def mirrored_runs(tmp_path_factory):
+    """The same run twice from the same seed: one device with batch 16, two replicas x 8."""
+    from trainer import demo_data
+    root = tmp_path_factory.mktemp("mirrored")
+    demo_data.generate(root / "data", images_per_class=30, seed=5)
+    runs = {}
+    for name, batch in (("one_device", 16), ("mirrored", 8)):
+        done = _python(TRAIN_SCRIPT, *SMALL_RUN, f"--data_dir={root / 'data'}",
+                       f"--model_dir={root / name}", f"--strategy={name}", f"--batch_size={batch}")
+        runs[name] = (root / name, done.stdout + done.stderr)
+    return runs
+
+
+def test_mirrored_logs_replicas_and_global_batch(mirrored_runs):
+    log = mirrored_runs["mirrored"][1]
+    assert "strategy: mirrored (MirroredStrategy), replicas: 2" in log
+    assert "global batch 16 = 8 per replica x 2 replicas" in log
+    assert "global batch 16 = 16 per replica x 1 replicas" in mirrored_runs["one_device"][1]
+
+
+def test_mirrored_matches_one_device_from_the_same_initial_weights(mirrored_runs):
+    results = {name: json.loads((path / "metrics.json").read_text())["test"]
+               for name, (path, _) in mirrored_runs.items()}
+    print("test metrics, one device vs 2 replicas:", results)
+    for metric, tolerance in TOLERANCE.items():
+        assert results["mirrored"][metric] == pytest.approx(results["one_device"][metric],
+                                                            abs=tolerance), (metric, results)
+
+
+def test_two_replicas_count_test_metrics_once(mirrored_runs):
+    """The same weights give the same metrics with one device and two replicas (the counts
+    are summed across replicas, not double-counted or halved)."""
+    done = _python(EVAL_SCRIPT, str(mirrored_runs["one_device"][0]))
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    one, two = result["one_device"], result["mirrored"]
+    assert (one.pop("replicas"), two.pop("replicas")) == (1, 2)
+    assert one["tp"] + one["fn"] == 18  # every test image counted once
+    for name in one:
+        assert two[name] == pytest.approx(one[name], abs=1e-5), (name, one, two)
