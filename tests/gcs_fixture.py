@@ -4,7 +4,7 @@ Use it as a pytest plugin (``pytest_plugins = ["tests.gcs_fixture"]``) and ask f
 session fixture ``gcs``. It starts:
 
 - ``gcp-storage-emulator --in-memory`` in a subprocess (the JSON and XML APIs, one bucket);
-- a small asyncio proxy in a thread, which every client reaches:
+- a small asyncio proxy in a second subprocess, which every client reaches:
   - TensorFlow's own gs:// client (libcurl) has Google's host names compiled in, but honours
     ``https_proxy`` and ``CURL_CA_BUNDLE``: it sends ``CONNECT www.googleapis.com:443`` and
     ``CONNECT storage.googleapis.com:443`` to the proxy, which answers the TLS handshake with a
@@ -48,6 +48,7 @@ from pathlib import Path
 import pytest
 
 BUCKET = "cxr-test"
+CONTROL = "/__proxy__/"
 GOOGLE_HOSTS = ("storage.googleapis.com", "www.googleapis.com", "oauth2.googleapis.com")
 HOP_BY_HOP = {"connection", "proxy-connection", "keep-alive", "transfer-encoding", "expect",
               "content-length", "te", "upgrade"}
@@ -177,7 +178,6 @@ class GcsProxy:
 
     def fail_next(self, count: int, status: int = 503, method: str | None = None,
                   path_contains: str | None = None, body: bytes | None = None) -> Fault:
-        """Makes the next ``count`` matching requests fail with ``status`` (not forwarded)."""
         payload = body if body is not None else json.dumps(
             {"error": {"code": status, "message": "injected by the test proxy"}}).encode()
         fault = Fault(count, status, method, path_contains, payload)
@@ -220,6 +220,11 @@ class GcsProxy:
                     host, _, path = rest.partition("/")
                     path = "/" + path
                 body = await _read_body(reader, writer, method, headers)
+                if path.startswith(CONTROL):
+                    status, out_headers, out_body = self._control(method, path, body)
+                    _write_response(writer, method, status, out_headers, out_body)
+                    await writer.drain()
+                    continue
                 status, out_headers, out_body = await self._answer(
                     method, host or headers.get("host", ""), path, headers, body, secure)
                 _write_response(writer, method, status, out_headers, out_body)
@@ -233,6 +238,25 @@ class GcsProxy:
                 writer.close()
             except Exception:  # noqa: BLE001
                 pass
+
+    def _control(self, method: str, path: str, body: bytes):
+        """The test's remote control: /__proxy__/{fail,clear,seen,reset}."""
+        action = path[len(CONTROL):].strip("/")
+        if action == "fail":
+            spec = json.loads(body)
+            spec["body"] = spec["body"].encode("latin-1") if spec.get("body") is not None else None
+            self.fail_next(**spec)
+        elif action == "clear":
+            self.clear_faults()
+        elif action == "reset":
+            self.reset_log()
+        elif action == "seen":
+            with self._lock:
+                seen = [dataclasses.asdict(s) for s in self.seen]
+            return 200, [("Content-Type", "application/json")], json.dumps(seen).encode()
+        else:
+            return 404, [], b""
+        return 200, [], b""
 
     async def _answer(self, method: str, host: str, path: str, headers: dict, body: bytes,
                       secure: bool) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -348,6 +372,59 @@ def _reason(status: int) -> str:
         return "Resume Incomplete" if status == 308 else "Status"
 
 
+class ProxyControl:
+    """The test side of the proxy, which runs in its own process (a TensorFlow call that keeps
+    the GIL while it waits on the network would deadlock a proxy thread in the test process)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _call(self, action: str, payload: dict | None = None) -> bytes:
+        data = json.dumps(payload).encode() if payload is not None else b""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{CONTROL}{action}",
+                                         data=data, method="POST" if payload is not None
+                                         or action != "seen" else "GET")
+        with self._opener.open(request, timeout=10) as response:
+            return response.read()
+
+    def fail_next(self, count: int, status: int = 503, method: str | None = None,
+                  path_contains: str | None = None, body: bytes | None = None) -> None:
+        """Makes the next ``count`` matching requests fail with ``status`` (not forwarded);
+        with ``body`` (and e.g. status 200) they get those bytes instead of the real answer."""
+        self._call("fail", {"count": count, "status": status, "method": method,
+                            "path_contains": path_contains,
+                            "body": body.decode("latin-1") if body is not None else None})
+
+    def clear_faults(self) -> None:
+        self._call("clear", {})
+
+    def reset_log(self) -> None:
+        self._call("reset", {})
+
+    @property
+    def seen(self) -> list[Seen]:
+        return [Seen(**s) for s in json.loads(self._call("seen"))]
+
+
+def serve_proxy(upstream_port: int, cert: str, key: str) -> None:
+    """Subprocess entry point: runs the proxy until killed, printing its port first."""
+    proxy = GcsProxy(("127.0.0.1", upstream_port), Path(cert), Path(key))
+    proxy.start()
+    print(proxy.port, flush=True)
+    proxy._thread.join()
+
+
+def start_proxy(upstream_port: int, cert: Path, key: Path, log: Path) -> tuple:
+    proc = subprocess.Popen([sys.executable, __file__, "--proxy", str(upstream_port), str(cert),
+                             str(key)], stdout=subprocess.PIPE, stderr=log.open("wb"), text=True)
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        proc.kill()
+        raise RuntimeError(f"the GCS test proxy did not start: {log.read_text()[-2000:]}")
+    return proc, int(line)
+
+
 # --------------------------------------------------------------------------- the emulator
 
 
@@ -383,7 +460,7 @@ def start_emulator(port: int, bucket: str, log: Path) -> subprocess.Popen:
 @dataclasses.dataclass
 class FakeGcs:
     bucket: str
-    proxy: GcsProxy
+    proxy: ProxyControl
     env: dict  # the variables a subprocess needs (already set in os.environ)
 
     def url(self, *parts: str) -> str:
@@ -415,9 +492,9 @@ def gcs():
     ca, cert, key = make_certificates(folder)
     port = _free_port()
     emulator = start_emulator(port, BUCKET, folder / "emulator.log")
-    proxy = GcsProxy(("127.0.0.1", port), cert, key)
-    proxy.start()
-    proxy_url = f"http://127.0.0.1:{proxy.port}"
+    proxy_proc, proxy_port = start_proxy(port, cert, key, folder / "proxy.log")
+    proxy = ProxyControl(proxy_port)
+    proxy_url = f"http://127.0.0.1:{proxy_port}"
     env = {
         "https_proxy": proxy_url, "HTTPS_PROXY": proxy_url,
         "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
@@ -435,15 +512,19 @@ def gcs():
     try:
         yield FakeGcs(BUCKET, proxy, env)
     finally:
-        proxy.stop()
-        emulator.terminate()
-        try:
-            emulator.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            emulator.kill()
+        for proc in (proxy_proc, emulator):
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
         shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--proxy"]:
+    serve_proxy(int(sys.argv[2]), sys.argv[3], sys.argv[4])
