@@ -92,3 +92,44 @@ def test_checkpoint_write_that_dies_half_way_leaves_the_old_file(tmp_path, monke
     with pytest.raises(tf.errors.ResourceExhaustedError):
         checkpoints.save(model, path)
     assert Path(path).read_bytes() == before
+
+
+def _task(args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen([sys.executable, "-m", "trainer.task", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _epochs(run: Path) -> list[int]:
+    import csv
+    if not (run / "history.csv").exists():
+        return []
+    with open(run / "history.csv") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("backup_freq", ["epoch", "2"])
+def test_sigterm_saves_the_backup_exits_75_and_the_restart_resumes(demo_tree, tmp_path, backup_freq):
+    run = tmp_path / "run"
+    args = ["--model=vanilla", f"--data_dir={demo_tree}", f"--model_dir={run}", "--image_size=16",
+            "--test_per_class=6", "--batch_size=4", "--epochs=8", "--patience=100",
+            f"--backup_freq={backup_freq}"]
+    first = _task(args)
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None and len(_epochs(run)) < 2:
+        time.sleep(0.05)
+    assert first.poll() is None, first.stdout.read()
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == ExitStatus.PREEMPTED, out
+    assert "error: stopped by SIGTERM at epoch" in out and "Traceback" not in out
+    assert any((run / "backup").iterdir())
+    done = _epochs(run)
+
+    second = _task(args)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    resumed_at = int(out.split("Epoch ", 1)[1].split("/", 1)[0])
+    assert resumed_at >= done[-1]  # the stopped epoch at the earliest, never epoch 1 again
+    assert _epochs(run) == list(range(1, 9))
+    assert (run / "metrics.json").exists() and not (run / "backup").exists()

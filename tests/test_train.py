@@ -75,6 +75,9 @@ def test_interrupted_run_with_another_config_is_refused(tiny_config):
     tiny_config.train.learning_rate = 0.5
     with pytest.raises(RunDirError, match=r"train.learning_rate: 0.001 -> 0.5"):
         train.prepare_run_dir(tiny_config)
+    tiny_config.output.allow_config_change = True
+    assert train.prepare_run_dir(tiny_config) is True
+    assert "learning_rate: 0.5" in (Path(tiny_config.output.model_dir) / "config.yaml").read_text()
 
 
 def test_default_model_dir_is_new(tmp_path, monkeypatch):

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import math
+import signal
+import threading
 
 from trainer import checkpoints, storage
 from trainer.keras_api import keras
@@ -84,3 +86,56 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
         if loss is not None and not math.isfinite(float(loss)) and self.where is None:
             self.where = (self.epoch + 1, batch + 1)
         super().on_batch_end(batch, logs)
+
+
+class PreemptibleBackup(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that also backs up on SIGTERM (what Kubernetes sends on preemption).
+
+    The signal only sets a flag; at the end of the running step the state is saved, training
+    stops, and the backup is kept (the stock callback deletes it when training ends). With
+    ``save_freq='epoch'`` the interrupted epoch is re-run from its start on resume. Only for
+    single-worker runs: a backup under MultiWorkerMirroredStrategy needs every worker.
+    """
+
+    def __init__(self, backup_dir: str, save_freq="epoch", handle_sigterm: bool = True):
+        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=True)
+        self.handle_sigterm = handle_sigterm
+        self.preempted_at: tuple[int, int] | None = None
+        self._signalled = False
+        self._previous_handler = None
+
+    def _implements_train_batch_hooks(self):
+        return True  # the flag is checked after every step
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.handle_sigterm and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self._signalled = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self._signalled and self.preempted_at is None:
+            epoch = self._current_epoch
+            if self.save_freq == "epoch":
+                self._backup(epoch=epoch - 1)  # resume re-runs this epoch from its start
+            else:
+                self._backup(epoch=epoch, batch=batch)  # resume at the next step
+            self.preempted_at = (epoch + 1, batch + 1)
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.preempted_at is None:  # a stopped epoch is not a finished one
+            super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+        if self.preempted_at is None:
+            super().on_train_end(logs)
+        else:  # keep the backup for the restart
+            del self._training_state
+            del self.model._training_state

@@ -92,6 +92,8 @@ class RuntimeConfig:
 class OutputConfig:
     model_dir: str = _field("", "Run directory, local or gs://. Default: ./runs/<model>-<timestamp>.")
     overwrite: bool = _field(False, "Replace a finished run in model_dir instead of refusing.")
+    allow_config_change: bool = _field(False, "Resume an interrupted run in model_dir even though "
+                                       "the config changed (the changes are logged).")
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import callbacks, checkpoints, config as config_lib, data, datacheck, distribute, \
-    metrics, models, storage
+    export, metrics, models, storage
 from trainer.config import Config
 from trainer.errors import Preempted, RunDirError, TrainerError
 from trainer.keras_api import keras
@@ -65,10 +65,13 @@ def prepare_run_dir(config: Config) -> bool:
         old = config_lib.from_yaml_text(storage.read_text(storage.join(model_dir, "config.yaml")),
                                         storage.join(model_dir, "config.yaml"))
         changes = config_changes(old, config)
-        if changes:
+        if changes and not config.output.allow_config_change:
             raise RunDirError(f"{model_dir} holds an interrupted run with another config "
-                              f"({'; '.join(changes)}); pass --overwrite to start over, or use "
+                              f"({'; '.join(changes)}); pass --overwrite to start over, "
+                              "--allow_config_change to resume with the new settings, or use "
                               "the same settings to resume")
+        if changes:
+            logging.warning("--allow_config_change: resuming with %s", "; ".join(changes))
         logging.info("resuming the interrupted run in %s", model_dir)
     elif existing:
         raise RunDirError(f"{model_dir} is not empty and holds no run ({', '.join(existing[:5])}); "
@@ -103,8 +106,8 @@ def build_callbacks(config: Config, monitor: str,
         callbacks.HistoryCSV(storage.join(out_dir, "history.csv")),
         keras.callbacks.TensorBoard(storage.join(out_dir, "logs")),
         # Last, so an epoch is backed up only after its checkpoints and history row are written.
-        keras.callbacks.BackupAndRestore(storage.join(model_dir, "backup"),
-                                         save_freq=backup_freq(config), delete_checkpoint=True),
+        callbacks.PreemptibleBackup(storage.join(model_dir, "backup"), save_freq=backup_freq(config),
+                                    handle_sigterm=distribute.cluster_size() <= 1),
     ], nan_guard
 
 
@@ -117,7 +120,6 @@ def scaled_learning_rate(config: Config, replicas: int) -> float:
 def compile_model(model, config: Config, learning_rate: float | None = None) -> None:
     rate = config.train.learning_rate if learning_rate is None else learning_rate
     model.compile(optimizer=keras.optimizers.Adam(rate),
-
                   loss="categorical_crossentropy", metrics=metrics.compiled_metrics(),
                   jit_compile=config.runtime.jit_compile)
 
@@ -166,7 +168,7 @@ def run(config: Config) -> dict:
     # First TensorFlow work: MultiWorkerMirroredStrategy must start before any op runs.
     strategy = distribute.make_strategy(config.runtime.strategy)
     splits = data.make_splits(config.data)
-    if config.data.check:
+    if config.data.check and not data.is_prepared(config.data.data_dir):  # prepare checked it
         splits = datacheck.check(splits, config.data)
     resuming = prepare_run_dir(config) if me.is_chief else False
     weights = (data.class_weights([e.label for e in splits.train], len(splits.classes))
@@ -200,6 +202,11 @@ def run(config: Config) -> dict:
     finally:
         if not me.is_chief:
             distribute.remove_worker_temp_dir(out_dir)
+    backup = next(cb for cb in cbs if isinstance(cb, callbacks.PreemptibleBackup))
+    if backup.preempted_at:
+        epoch, step = backup.preempted_at
+        raise Preempted(f"stopped by SIGTERM at epoch {epoch}, step {step} after saving "
+                        f"{storage.join(model_dir, 'backup')}; run the same command again to resume")
     if nan_guard.where:
         epoch, step = nan_guard.where
         raise TrainerError(f"training stopped: the loss became NaN or infinite at epoch {epoch}, "
@@ -220,6 +227,7 @@ def run(config: Config) -> dict:
         last_epoch=history.epoch[-1] + 1 if history.epoch else None)
     storage.write_text_atomic(storage.join(model_dir, "metrics.json"),
                               json.dumps(results, indent=2))
+    export.save(best, config, storage.join(model_dir, "export"))  # serving SavedModel (chief only)
     print(metrics.format_named(results["test"]))
     print()
     print(metrics.format_per_class(results))
