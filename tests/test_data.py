@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
-from trainer import config as config_lib, data
+from trainer import config as config_lib, data, demo_data
 from trainer.errors import DataError
 
 GRADIENT = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
@@ -211,3 +211,67 @@ def test_real_cxr3_tree_lists_and_splits(cxr3):
     assert [sum(c) for c in zip(*counts.values())] == [921, 1341, 1345]
     x, y = next(iter(data.make_dataset(splits.test[:8], config.data, 8, training=False)))
     assert x.shape == (8, 50, 50, 3) and float(x.numpy().max()) <= 1.0
+
+
+def _tree_with_sources(root: Path) -> Path:
+    """A demo tree plus manifest.csv: COVID-19 from sources a and b, the rest from k."""
+    demo_data.generate(root, images_per_class=20, seed=4)
+    rows = ["relpath,label,source"]
+    for cls in config_lib.TUTORIAL_CLASSES:
+        for i, f in enumerate(sorted((root / cls).iterdir())):
+            source = ("a" if i % 2 else "b") if cls == "COVID-19" else "k"
+            rows.append(f"{cls}/{f.name},{cls},{source}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_holdout_sources_go_to_test_only(tmp_path):
+    root = _tree_with_sources(tmp_path / "data")
+    config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_per_class": 2,
+                                                   "holdout_sources": ["b"]})
+    splits = data.make_splits(config.data)
+    sources = dict(zip([e.path for e in splits.test],
+                       data.read_sources(str(root), splits.test)))
+    for name in ("train", "val"):
+        assert "b" not in data.read_sources(str(root), getattr(splits, name))
+    assert sum(s == "b" for s in sources.values()) == 10  # every image of the held-out source
+    assert splits.counts()["test"] == [12, 2, 2]
+
+
+@pytest.mark.parametrize("manifest, holdout, message", [
+    (None, ["b"], "--holdout_sources needs"),
+    ("relpath,label\n", ["b"], "--holdout_sources needs"),
+    ("relpath,label,source\nCOVID-19/demo-000.png,COVID-19,a\n", ["z"],
+     "--holdout_sources: no images from z in manifest.csv (sources: a, unknown)"),
+])
+def test_bad_holdout_sources(tmp_path, manifest, holdout, message):
+    root = tmp_path / "data"
+    demo_data.generate(root, images_per_class=4, seed=4)
+    if manifest is not None:
+        (root / "manifest.csv").write_text(manifest)
+    config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_per_class": 1,
+                                                   "holdout_sources": holdout})
+    with pytest.raises(DataError) as err:
+        data.make_splits(config.data)
+    assert message in str(err.value)
+
+
+def test_holding_out_every_source_of_a_class_is_refused(tmp_path):
+    root = _tree_with_sources(tmp_path / "data")
+    config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_per_class": 2,
+                                                   "holdout_sources": ["a", "b"]})
+    with pytest.raises(DataError, match="training split has no images of class 'COVID-19'"):
+        data.make_splits(config.data)
+
+
+def test_test_metrics_are_broken_down_by_source(tmp_path):
+    from trainer import models, train
+    root = _tree_with_sources(tmp_path / "data")
+    config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_per_class": 4,
+                                                   "image_size": 8, "holdout_sources": ["b"]})
+    model = models.build(config.model, 8, 3)
+    train.compile_model(model, config)
+    results = train.evaluate(model, data.make_splits(config.data).test, config)
+    by_source = results["sources"]["by_source"]
+    assert {k: v["n"] for k, v in by_source.items()} == {"a": 4, "b": 10, "k": 8}
+    assert results["sources"]["confounded_classes"] == ["COVID-19"]

@@ -181,10 +181,9 @@ def test_report_files(evaluated, name, must_contain):
 
 
 def test_source_breakdown_flags_a_confounded_class():
-    from trainer import evaluate
     labels = np.array([0, 0, 1, 1, 2, 2])
     preds = np.array([0, 0, 1, 2, 2, 2])
-    out = evaluate.source_breakdown(["a", "b", "k", "k", "k", "k"], labels, preds, CLASSES)
+    out = metrics.source_breakdown(["a", "b", "k", "k", "k", "k"], labels, preds, CLASSES)
     assert out["confounded_classes"] == ["COVID-19"]
     assert out["by_source"]["k"]["accuracy"] == 0.75
     assert out["by_source"]["k"]["predicted"] == {"COVID-19": 0, "NORMAL": 1,

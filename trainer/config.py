@@ -52,6 +52,9 @@ class DataConfig:
                                "or skip (train without them).", ("fail", "skip"))
     on_leak: str = _field("fail", "The same image in two splits: fail or warn.", ("fail", "warn"))
     min_image_side: int = _field(32, "Images whose shorter side is below this many pixels are bad.")
+    holdout_sources: list = _field((), "Sources (the 'source' column of DATA_DIR/manifest.csv) kept "
+                                   "out of training and validation: all their images go to the "
+                                   "test split, to measure accuracy on hospitals never seen.")
 
 
 @dataclasses.dataclass

@@ -4,10 +4,13 @@ File access goes through tf.io.gfile (via ``storage``), so local paths and gs://
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -102,15 +105,59 @@ def split_examples(examples: list[Example], n_classes: int, validation_split: fl
     return out
 
 
+SOURCES_FILE = "manifest.csv"
+
+
+def read_sources(root: str, examples: list[Example]) -> list[str] | None:
+    """Each example's ``source`` from ROOT/manifest.csv (columns relpath, source), if present.
+
+    relpath is the path from ROOT ('COVID-19/x.jpg'); files it does not list are 'unknown'.
+    """
+    path = storage.join(root, SOURCES_FILE)
+    if not root or not storage.exists(path):
+        return None
+    rows = csv.DictReader(io.StringIO(storage.read_text(path)))
+    if not rows.fieldnames or not {"relpath", "source"} <= set(rows.fieldnames):
+        return None
+    by_path = {row["relpath"]: row["source"] for row in rows}
+    prefix = len(root.rstrip("/")) + 1
+    return [by_path.get(e.path[prefix:].replace(os.sep, "/"), "unknown") for e in examples]
+
+
+def hold_out_sources(examples: list[Example], data: DataConfig) -> tuple[list, list]:
+    """Splits off every image of the ``holdout_sources`` (hospitals never seen in training).
+
+    Returns (examples to split as usual, images that all go to the test split).
+    """
+    if not data.holdout_sources:
+        return examples, []
+    sources = read_sources(data.data_dir, examples)
+    if sources is None:
+        raise DataError(f"--holdout_sources needs {storage.join(data.data_dir, SOURCES_FILE)} "
+                        "with relpath and source columns")
+    unknown = sorted(set(data.holdout_sources) - set(sources))
+    if unknown:
+        raise DataError(f"--holdout_sources: no images from {', '.join(unknown)} in "
+                        f"{SOURCES_FILE} (sources: {', '.join(sorted(set(sources)))})")
+    held = set(data.holdout_sources)
+    keep = [e for e, s in zip(examples, sources) if s not in held]
+    unseen = [e for e, s in zip(examples, sources) if s in held]
+    logging.info("holding out %d images from %s: test only, never trained on", len(unseen),
+                 ", ".join(sorted(held)))
+    return keep, unseen
+
+
 def make_splits(data: DataConfig) -> Splits:
     """Lists the data tree(s) and splits them as the config says."""
     if is_prepared(data.data_dir):
         return load_prepared(data)
     examples = list_examples(data.data_dir, data.classes)
+    examples, unseen = hold_out_sources(examples, data)
     held_out = 0 if data.test_dir else data.test_per_class
     parts = split_examples(examples, len(data.classes), data.validation_split, held_out, data.seed)
     if data.test_dir:
         parts["test"] = list_examples(data.test_dir, data.classes)
+    parts["test"] += unseen
     splits = Splits(list(data.classes), parts["train"], parts["val"], parts["test"])
     for name, counts in splits.counts().items():
         if name == "train" and min(counts) == 0:

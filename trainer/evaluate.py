@@ -79,42 +79,6 @@ def positive_class(classes: list[str]) -> int:
     return next((i for i, c in enumerate(classes) if "covid" in c.lower()), 0)
 
 
-def read_sources(root: str, examples) -> list[str] | None:
-    """Each example's ``source`` from ROOT/manifest.csv (columns relpath, source), if present."""
-    from trainer import storage
-    path = storage.join(root, "manifest.csv")
-    if not storage.exists(path):
-        return None
-    rows = csv.DictReader(io.StringIO(storage.read_text(path)))
-    if not rows.fieldnames or not {"relpath", "source"} <= set(rows.fieldnames):
-        return None
-    by_path = {row["relpath"]: row["source"] for row in rows}
-    prefix = len(root.rstrip("/")) + 1
-    return [by_path.get(e.path[prefix:].replace(os.sep, "/"), "unknown") for e in examples]
-
-
-def source_breakdown(sources: list[str], labels, preds, classes: list[str]) -> dict:
-    """Per data source: images, true and predicted classes, accuracy with its Wilson interval;
-    and the classes whose sources no other class shares (class and source confounded)."""
-    import numpy as np
-    from trainer import metrics
-    sources, labels, preds = np.asarray(sources), np.asarray(labels), np.asarray(preds)
-    table = {}
-    for source in sorted(set(sources.tolist())):
-        mine = sources == source
-        correct = int((labels[mine] == preds[mine]).sum())
-        n = int(mine.sum())
-        table[source] = {
-            "n": n, "accuracy": correct / n, "accuracy_ci95": metrics.wilson_interval(correct, n),
-            "true": {c: int((labels[mine] == i).sum()) for i, c in enumerate(classes)},
-            "predicted": {c: int((preds[mine] == i).sum()) for i, c in enumerate(classes)}}
-    of_class = {c: set(sources[labels == i].tolist()) for i, c in enumerate(classes)}
-    confounded = [c for c in classes if of_class[c] and not any(
-        of_class[c] & of_class[o] for o in classes if o != c)]
-    return {"by_source": table, "class_sources": {c: sorted(s) for c, s in of_class.items()},
-            "confounded_classes": confounded}
-
-
 def predict_probabilities(model, examples, config: Config):
     from trainer import data
     ds = data.make_dataset(examples, config.data, config.train.batch_size, training=False)
@@ -164,7 +128,7 @@ def gradcam_figure(model, examples, picked, probs, config: Config) -> bytes:
 def evaluate(options: Options) -> tuple[str, dict]:
     """Loads, predicts, measures, draws and writes; returns the output folder and metrics."""
     import numpy as np
-    from trainer import metrics, plots, storage
+    from trainer import data, metrics, plots, storage
     config = apply_overrides(runs.read_config(options.model_dir), options.overrides)
     path = runs.checkpoint_path(options.model_dir, options.checkpoint)
     model = runs.load_model(path)
@@ -183,9 +147,9 @@ def evaluate(options: Options) -> tuple[str, dict]:
     results["operating_point"] = {
         "class": classes[covid],
         **(metrics.operating_point(labels, probs, covid, options.covid_sensitivity) or {})}
-    sources = read_sources(root, examples)
+    sources = data.read_sources(root, examples)
     if sources is not None:
-        results["sources"] = source_breakdown(sources, labels, preds, classes)
+        results["sources"] = metrics.source_breakdown(sources, labels, preds, classes)
     results.update(model_dir=options.model_dir, checkpoint=path, test_root=root, split=split,
                    counts={"test": np.bincount(labels, minlength=len(classes)).tolist()})
 

@@ -125,7 +125,7 @@ def compile_model(model, config: Config, learning_rate: float | None = None) -> 
 
 
 def evaluate(model, examples: list[data.Example], config: Config) -> dict:
-    """Test metrics: the compiled ones by name, and the per-class report."""
+    """Test metrics: the compiled ones by name, the per-class report, and per source if known."""
     batch = config.train.batch_size
     named = model.evaluate(data.make_dataset(examples, config.data, batch, training=False),
                            return_dict=True, verbose=0)
@@ -133,6 +133,10 @@ def evaluate(model, examples: list[data.Example], config: Config) -> dict:
                           verbose=0)
     labels = np.array([e.label for e in examples])
     report = metrics.per_class(labels, probs, config.data.classes)
+    sources = data.read_sources(config.data.data_dir, examples)
+    if sources:  # accuracy per hospital/source: a model may have learnt the source, not the disease
+        report["sources"] = metrics.source_breakdown(sources, labels, probs.argmax(axis=1),
+                                                     config.data.classes)
     return {"test": {k: float(v) for k, v in named.items()}, **report}
 
 
