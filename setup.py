@@ -21,11 +21,15 @@ setup(
         "scikit-learn>=1.5,<2",
         "Pillow>=10,<14",
         "matplotlib>=3.7,<4",  # evaluation plots and Grad-CAM overlays
+        "google-cloud-storage>=2.14,<4",  # bulk bucket transfers (trainer.pull)
+        "google-crc32c>=1.5,<2",
     ],
     extras_require={
         "test": [
             "pytest>=8,<10",
             "hypothesis>=6.100,<7",
+            "gcp-storage-emulator>=2026.7,<2027",  # GCS JSON API on loopback for the bucket tests
+            "cryptography>=42,<49",  # the throw-away CA of the TLS proxy in front of it
         ],
     },
 )
