@@ -36,6 +36,8 @@ FORMATS = [
      np.repeat(GRADIENT[..., None], 3, -1) / 255),
     ("png-16bit", Image.fromarray(GRADIENT.astype(np.uint16) * 257), "PNG",
      np.repeat(GRADIENT[..., None], 3, -1) / 255),
+    ("png-gray-alpha", Image.fromarray(np.dstack([GRADIENT, 255 - GRADIENT]), "LA"), "PNG",
+     np.repeat(GRADIENT[..., None], 3, -1) / 255),
     ("jpeg-grayscale", Image.fromarray(GRADIENT), "JPEG", None),
     ("jpeg-rgb", Image.fromarray(_rgb(GRADIENT)), "JPEG", None),
     ("bmp-rgb", Image.fromarray(_rgb(GRADIENT)), "BMP", _rgb(GRADIENT) / 255),
@@ -63,6 +65,18 @@ def test_animated_gif_gives_its_first_frame():
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     decoded = data.decode_image(buf.getvalue(), 8).numpy()
     np.testing.assert_allclose(decoded, 200 / 255, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [50, 100, 224])
+def test_jpeg_shrunk_in_the_decoder_matches_a_full_decode(size):
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (28, 28)), np.ones((8, 8))).astype(np.uint8)
+    raw = _encode(Image.fromarray(smooth), "JPEG")  # 224x224
+    ours = data.decode_image(raw, size).numpy()
+    full = tf.image.resize(tf.io.decode_jpeg(raw, channels=3), [size, size], antialias=True) / 255
+    assert ours.shape == (size, size, 3)
+    assert np.abs(ours - full.numpy()).mean() < 0.02
 
 
 def test_resize_to_configured_size():

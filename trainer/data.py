@@ -167,17 +167,34 @@ def make_splits(data: DataConfig) -> Splits:
     return splits
 
 
+JPEG_RATIOS = (1, 2, 4, 8)
+
+
 def decode_image(encoded: tf.Tensor, image_size: int, interpolation: str = "bilinear") -> tf.Tensor:
     """Encoded PNG/JPEG/BMP/GIF bytes -> float32 [size, size, 3] in [0, 1].
 
-    Any mode (grayscale, RGB, RGBA, palette; 8 or 16 bit) becomes 3 channels scaled by the
-    type's maximum, the tutorial's rescale. GIFs give their first frame. Used by training and
-    by the serving export, so both see exactly the same pixels.
+    Any mode (grayscale, RGB, RGBA, palette; 8 or 16 bit) becomes 3 channels in [0, 1] (the
+    tutorial's rescale; 16-bit images are read at 8 bits). GIFs give their first frame. Used by
+    training and by the serving export, so both see exactly the same pixels.
+    Speed: images are resized at their own channel count (a grayscale X-ray is 1 channel, not 3)
+    and JPEGs are shrunk by 2, 4 or 8 inside the decoder when still at least image_size.
     """
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.float32)
-    image.set_shape([None, None, 3])
-    image = tf.image.resize(image, [image_size, image_size], method=interpolation, antialias=True)
-    return tf.clip_by_value(image, 0.0, 1.0)
+    pixels = tf.cond(tf.io.is_jpeg(encoded), lambda: _decode_jpeg_shrunk(encoded, image_size),
+                     lambda: tf.io.decode_image(encoded, channels=0, expand_animations=False))
+    pixels.set_shape([None, None, None])
+    image = tf.image.resize(pixels, [image_size, image_size], method=interpolation, antialias=True)
+    image = tf.cond(tf.shape(image)[-1] < 3,  # gray or gray+alpha -> RGB; RGBA -> RGB
+                    lambda: tf.image.grayscale_to_rgb(image[..., :1]), lambda: image[..., :3])
+    return tf.clip_by_value(image / 255.0, 0.0, 1.0)
+
+
+def _decode_jpeg_shrunk(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """A JPEG decoded at 1/1, 1/2, 1/4 or 1/8 size: the smallest still >= image_size."""
+    shorter = tf.reduce_min(tf.io.extract_jpeg_shape(encoded)[:2])
+    fits = tf.stack([shorter // r >= image_size for r in JPEG_RATIOS[1:]])
+    index = tf.reduce_sum(tf.cast(fits, tf.int32))  # ratios that fit form a prefix
+    branches = [lambda r=r: tf.io.decode_jpeg(encoded, ratio=r) for r in JPEG_RATIOS]
+    return tf.switch_case(index, branches)
 
 
 def load_example(path: tf.Tensor, label: tf.Tensor, n_classes: int, image_size: int,
