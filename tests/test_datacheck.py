@@ -72,6 +72,21 @@ def leak_into_test_tree(root):
     shutil.copy(_first(root), test / "NORMAL" / "leaked.png")
 
 
+def copy_our_split_puts_apart(root):
+    """A renamed copy that the path-hash split sends to another split than the original."""
+    original = _first(root)
+    names = sorted(p.name for p in (root / "NORMAL").iterdir())
+    for i in range(100):
+        candidate = f"copy-{i}.png"
+        examples = [data.Example(n, n, 0) for n in names + [candidate]]
+        parts = data.split_examples(examples, 1, 0.2, 2, seed=28)
+        where = {e.path: name for name in data.SPLITS for e in parts[name]}
+        if where[candidate] != where[original.name]:
+            shutil.copy(original, root / "NORMAL" / candidate)
+            return
+    raise AssertionError("no name found")
+
+
 def same_image_two_classes(root):
     shutil.copy(_first(root), root / "COVID-19" / "mislabelled.png")
 
@@ -92,6 +107,8 @@ CASES = [
     ("symlink-loop", symlink_loop, {}, "symlink loop", None),
     ("duplicate-in-split", duplicate_in_split, {"test_per_class": 0, "validation_split": 0.0},
      None, "1 duplicate images inside a split"),
+    ("copy-kept-together", copy_our_split_puts_apart, {}, None, "kept 1 copies of an image in "
+     "the split of their first copy"),
     ("leak", leak_into_test_tree, {}, "1 images appear in two splits", None),
     ("leak-warned", leak_into_test_tree, {"on_leak": "warn"}, None, "1 images appear in two splits"),
     ("two-classes", same_image_two_classes, {}, "1 images appear under two classes", None),
@@ -119,8 +136,12 @@ def test_bad_inputs(tmp_path, caplog, case, mutate, overrides, error, warning):
         assert warning in warnings
     else:
         assert not warnings
-    paths = [e.path for name in data.SPLITS for e in getattr(splits, name)]
-    assert all(datacheck.inspect(p, config.data.min_image_side).problem is None for p in paths)
+    infos = {name: [datacheck.inspect(e.path, config.data.min_image_side)
+                    for e in getattr(splits, name)] for name in data.SPLITS}
+    assert all(i.problem is None for name in data.SPLITS for i in infos[name])
+    if case != "leak-warned":  # no image content in two splits
+        train, val, test = ({i.sha256 for i in infos[name]} for name in data.SPLITS)
+        assert not (train & val or train & test or val & test)
 
 
 def test_skipped_bad_image_run_completes(tmp_path, tiny_config, demo_tree):

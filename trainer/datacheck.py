@@ -127,6 +127,17 @@ def _listing(lines: list[str]) -> str:
     return shown + (f"\n  ... and {more} more" if more > 0 else "")
 
 
+def regroup(splits: Splits, leaks: list[tuple[str, str, str, str]]) -> Splits:
+    """Moves each later copy of an image into the split of its first copy."""
+    moves = {b: sa for _, sa, b, _ in leaks}
+    parts = {name: [e for e in getattr(splits, name) if e.path not in moves] for name in SPLITS}
+    for name in SPLITS:
+        for e in getattr(splits, name):
+            if e.path in moves:
+                parts[moves[e.path]].append(e)
+    return Splits(splits.classes, parts["train"], parts["val"], parts["test"])
+
+
 def apply(report: Report, splits: Splits, data: DataConfig) -> Splits:
     """Fails, warns or drops files as ``on_bad_image`` / ``on_leak`` say; returns usable splits."""
     for folder in report.stray_folders:
@@ -141,9 +152,16 @@ def apply(report: Report, splits: Splits, data: DataConfig) -> Splits:
         raise DataError(f"{len(report.conflicts)} images appear under two classes (same content, "
                         "different labels); remove the wrong copies:\n"
                         + _listing([f"{a} == {b}" for a, b in report.conflicts]))
-    if report.leaks:
-        lines = [f"{a} ({sa}) == {b} ({sb})" for a, sa, b, sb in report.leaks]
-        message = (f"{len(report.leaks)} images appear in two splits (leakage inflates test "
+    ours = [leak for leak in report.leaks if not (data.test_dir and "test" in (leak[1], leak[3]))]
+    if ours:  # copies our own split put apart: keep them together instead
+        splits = regroup(splits, ours)
+        logging.warning("kept %d copies of an image in the split of their first copy (same "
+                        "content, different names):\n%s", len(ours),
+                        _listing([f"{b} -> {sa} (as {a})" for a, sa, b, _ in ours]))
+    users = [leak for leak in report.leaks if leak not in ours]
+    if users:
+        lines = [f"{a} ({sa}) == {b} ({sb})" for a, sa, b, sb in users]
+        message = (f"{len(users)} images appear in two splits (leakage inflates test "
                    "scores):\n" + _listing(lines))
         if data.on_leak == "fail":
             raise DataError(message + "\nremove the copies, or pass --on_leak=warn to train anyway")
