@@ -18,8 +18,7 @@ from trainer.config import Config
 from trainer.errors import ConfigError
 
 trainer_flags.define_config_flags()
-flags.DEFINE_string("checkpoint", "best", "Checkpoint to evaluate: best, last, or a .keras path "
-                    "(local or gs://).")
+trainer_flags.define_checkpoint_flag()
 flags.DEFINE_string("eval_name", "", "Output folder name under RUN/eval/. Default: "
                     "<checkpoint>-<test set>, e.g. best-test.")
 flags.DEFINE_integer("gradcam", 0, "Grad-CAM overlays for N test images per class (wrong ones "

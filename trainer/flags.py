@@ -29,6 +29,13 @@ def define_config_flags() -> None:
         _DEFINERS.get(kind, flags.DEFINE_list)(name, None, help_text)
 
 
+def define_checkpoint_flag() -> None:
+    """--checkpoint, shared by the commands that read a finished run (evaluate, predict)."""
+    if "checkpoint" not in FLAGS:
+        flags.DEFINE_string("checkpoint", "best", "Checkpoint of the run: best, last, or a .keras "
+                            "path (local or gs://).")
+
+
 def overrides() -> dict:
     """The config fields set on the command line."""
     return {name: FLAGS[name].value for name in config_lib.leaf_fields()}

@@ -18,8 +18,7 @@ from trainer import cli, flags as trainer_flags, runs
 from trainer.errors import ConfigError, DataError, ExitStatus
 
 trainer_flags.define_config_flags()
-flags.DEFINE_string("checkpoint", "best", "Checkpoint: best, last, or a .keras path (local or "
-                    "gs://).")
+trainer_flags.define_checkpoint_flag()
 flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format on stdout.")
 
 CHUNK = 64  # images decoded and predicted together
