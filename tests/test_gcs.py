@@ -116,12 +116,30 @@ def test_gs_run_checkpoint_reproduces_its_metrics(gs_run):
 
 
 def test_evaluate_command_reads_a_gs_run(gs_run):
-    evaluate = pytest.importorskip("trainer.evaluate")
-    if not hasattr(evaluate, "Options"):
-        pytest.skip("trainer.evaluate has no Options/evaluate API yet")
+    from trainer import evaluate
     url = gs_run["url"]
     saved = json.loads(storage.read_text(f"{url}/metrics.json"))
     out_dir, results = evaluate.evaluate(evaluate.Options(model_dir=url))
     assert out_dir.startswith(url)
     assert storage.exists(storage.join(out_dir, "metrics.json"))
     assert results["confusion_matrix"] == saved["confusion_matrix"]
+
+
+def test_transient_503s_are_retried_and_the_run_still_succeeds(gcs, gs_data):
+    """Fault injection: the bucket answers 503 to a few reads and a few writes of a run."""
+    url = gcs.fresh("flaky")
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": gs_data, "model_dir": url, "image_size": 16, "test_per_class": 4,
+        "batch_size": 16, "epochs": 2})
+    gcs.proxy.reset_log()
+    gcs.proxy.fail_next(3, status=503, method="GET", path_contains=".png")  # image reads
+    gcs.proxy.fail_next(2, status=503, method="POST")  # starting uploads (config, checkpoints)
+    # Not PUT: after a failed upload chunk TensorFlow asks for the upload's status, which the
+    # emulator answers wrongly (HTTP 400 "Invalid Content-Range"); real GCS supports it.
+    results = train.run(config)
+    injected = [s for s in gcs.proxy.seen if s.injected]
+    assert len(injected) == 5, injected
+    saved = json.loads(storage.read_text(f"{url}/metrics.json"))
+    assert saved["test"] == results["test"]
+    for name in RUN_FILES:
+        assert storage.exists(f"{url}/{name}"), name
