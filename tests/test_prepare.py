@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import config as config_lib, data, prepare, storage, train
+from trainer import config as config_lib, data, prepare, train
 
 pytest_plugins = ["tests.gcs_fixture"]
 

@@ -222,10 +222,16 @@ def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
     ds = ds.map(lambda p, y: load_example(p, y, len(data.classes), data.image_size,
                                           data.interpolation),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    if should_cache(data, len(examples)):
+    return cache_shuffle_batch(ds, data, len(examples), batch_size, training)
+
+
+def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, batch_size: int,
+                        training: bool) -> tf.data.Dataset:
+    """The common tail: cache decoded images if they fit, reshuffle every epoch, batch, prefetch."""
+    if should_cache(data, n_images):
         ds = ds.cache()
     if training:
-        ds = ds.shuffle(max(len(examples), 1), seed=data.seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(max(n_images, 1), seed=data.seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -339,8 +345,4 @@ def make_shard_dataset(examples: list[Example], data: DataConfig, batch_size: in
     ds = ds.map(lambda image, label, key: (
         decode_image(image, data.image_size, data.interpolation), tf.one_hot(label, n_classes)),
         num_parallel_calls=tf.data.AUTOTUNE)
-    if should_cache(data, len(examples)):
-        ds = ds.cache()
-    if training:
-        ds = ds.shuffle(max(len(examples), 1), seed=data.seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return cache_shuffle_batch(ds, data, len(examples), batch_size, training)

@@ -22,10 +22,10 @@ import json
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from trainer import config as config_lib, flags as trainer_flags
-from trainer.errors import ConfigError, DataError, ExitStatus, TrainerError
+from trainer import cli, config as config_lib, flags as trainer_flags
+from trainer.errors import ConfigError, DataError
 
 PROGRESS = "progress.json"
 KEEP_AS_IS = {"PNG", "JPEG", "BMP", "GIF"}  # formats the pipeline's decoder reads directly
@@ -305,29 +305,20 @@ def prepare(config: config_lib.Config, src: str, dst: str, max_side: int, shard_
     return manifest
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        return ExitStatus.USAGE
-    logging.set_verbosity(logging.INFO)
+def prepare_from_flags(argv: list[str]) -> None:
     flag = flags.FLAGS
-    try:
-        config = config_lib.load(flag.model, flag.config, trainer_flags.overrides())
-        config_lib.check_choices(config)
-        src = flag.src or config.data.data_dir
-        if not src or not flag.dst:
-            raise ConfigError("pass --src=DIR (or --data_dir) and --dst=DIR, local or gs://")
-        if flag.max_side < 1 or flag.shard_mb < 1 or flag.workers < 1:
-            raise ConfigError("--max_side, --shard_mb and --workers must be at least 1")
-        prepare(config, src, flag.dst, flag.max_side, flag.shard_mb, flag.workers, flag.dry_run)
-    except TrainerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_status
-    return ExitStatus.OK
+    config = config_lib.load(flag.model, flag.config, trainer_flags.overrides())
+    config_lib.check_choices(config)
+    src = flag.src or config.data.data_dir
+    if not src or not flag.dst:
+        raise ConfigError("pass --src=DIR (or --data_dir) and --dst=DIR, local or gs://")
+    if flag.max_side < 1 or flag.shard_mb < 1 or flag.workers < 1:
+        raise ConfigError("--max_side, --shard_mb and --workers must be at least 1")
+    prepare(config, src, flag.dst, flag.max_side, flag.shard_mb, flag.workers, flag.dry_run)
 
 
 def run() -> None:
-    app.run(main, flags_parser=trainer_flags.parse_or_exit)
+    cli.run(prepare_from_flags)
 
 
 if __name__ == "__main__":

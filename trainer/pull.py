@@ -14,9 +14,9 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from trainer import storage
+from trainer import cli, storage
 from trainer.errors import ConfigError, ExitStatus, TrainerError
 
 BEST_ONLY = ("config.yaml", "metrics.json", "history.csv", "checkpoints/best.keras",
@@ -131,24 +131,17 @@ def pull(url: str, dest: str | None = None, best_only: bool = False, force: bool
     return todo
 
 
-def main(argv: list[str]) -> int:
+def pull_from_flags(argv: list[str]) -> int | None:
     if len(argv) not in (2, 3):
         print("error: usage: python -m trainer.pull gs://BUCKET/runs/NAME [DEST] "
               "[--best_only] [--force]", file=sys.stderr)
         return ExitStatus.USAGE
-    logging.set_verbosity(logging.INFO)
-    try:
-        pull(argv[1], argv[2] if len(argv) == 3 else None, flags.FLAGS.best_only,
-             flags.FLAGS.force)
-    except TrainerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_status
-    return ExitStatus.OK
+    pull(argv[1], argv[2] if len(argv) == 3 else None, flags.FLAGS.best_only, flags.FLAGS.force)
+    return None
 
 
 def run() -> None:
-    from trainer import flags as trainer_flags
-    app.run(main, flags_parser=trainer_flags.parse_or_exit)
+    cli.run(pull_from_flags, positional=True)
 
 
 if __name__ == "__main__":
