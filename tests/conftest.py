@@ -36,3 +36,15 @@ def cxr3() -> Path:
     if not (CXR3 / "manifest.csv").is_file():
         pytest.skip(f"real data not found at {CXR3}")
     return CXR3
+
+
+def train_tiny_run(root: Path, images_per_class: int, image_size: int, test_per_class: int,
+                   epochs: int, seed: int) -> Path:
+    """Trains a tiny vanilla run on generated images into root/run; returns the run folder."""
+    from trainer import config as config_lib, demo_data, train
+    demo_data.generate(root / "data", images_per_class=images_per_class, seed=seed)
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(root / "data"), "image_size": image_size, "test_per_class": test_per_class,
+        "batch_size": 16, "epochs": epochs, "model_dir": str(root / "run")})
+    train.run(config)
+    return root / "run"

@@ -191,3 +191,22 @@ def test_config_loader_only_raises_config_errors(raw):
         config_lib.validate(config, models.min_image_sizes())
     except ConfigError as err:
         assert str(err) and "\n" not in str(err)
+
+
+@pytest.mark.parametrize("mutate, status, expected", [
+    (lambda root: None, 0, "data check passed"),
+    (corrupt, 3, "corrupt.png: not a readable image"),
+    (symlink_loop, 3, "symlink loop"),
+], ids=["clean", "corrupt", "symlink-loop"])
+def test_prepare_check_only(tmp_path, mutate, status, expected):
+    import subprocess
+    import sys
+    root = tmp_path / "data"
+    demo_data.generate(root, images_per_class=8, seed=5)
+    mutate(root)
+    proc = subprocess.run([sys.executable, "-m", "trainer.prepare", "--check_only", f"--src={root}",
+                           "--test_per_class=2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert expected in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written

@@ -133,15 +133,20 @@ def _saved_epoch(model_dir: Path) -> int | None:
     return int(done.stdout.split()[-1]) + 1 if done.returncode == 0 else None
 
 
-def test_sigkill_both_workers_then_restart_resumes_and_completes(tmp_path, data_dir):
-    epochs = 30
-    cluster = Cluster(tmp_path, data_dir, epochs)
-    cluster.start()
+def _wait_for_first_backup(cluster) -> None:
+    """Until the chief's backup exists, while both workers still run."""
     deadline = time.monotonic() + TIMEOUT
     while not (cluster.model_dir / "backup" / "chief" / "checkpoint").is_file():
         assert time.monotonic() < deadline, "no backup was written"
         assert all(p.poll() is None for p in cluster.procs), cluster.text(0)[-3000:]
         time.sleep(0.2)
+
+
+def test_sigkill_both_workers_then_restart_resumes_and_completes(tmp_path, data_dir):
+    epochs = 30
+    cluster = Cluster(tmp_path, data_dir, epochs)
+    cluster.start()
+    _wait_for_first_backup(cluster)
     cluster.kill()  # SIGKILL both mid-training: no chance to save anything more
     saved = _saved_epoch(cluster.model_dir)
     assert saved is not None and saved < epochs
@@ -161,11 +166,7 @@ def test_a_lost_worker_ends_its_peer_with_exit_75(tmp_path, data_dir):
     restarts both pods and they resume from the backup (as in the test above)."""
     cluster = Cluster(tmp_path, data_dir, 30)
     cluster.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not (cluster.model_dir / "backup" / "chief" / "checkpoint").is_file():
-        assert time.monotonic() < deadline, "no backup was written"
-        assert all(p.poll() is None for p in cluster.procs), cluster.text(0)[-3000:]
-        time.sleep(0.2)
+    _wait_for_first_backup(cluster)
     cluster.procs[1].send_signal(signal.SIGKILL)
     try:
         code = cluster.procs[0].wait(timeout=TIMEOUT)

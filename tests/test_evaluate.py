@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
+from conftest import train_tiny_run
 from trainer import metrics
 
 CLASSES = ["COVID-19", "NORMAL", "Viral Pneumonia"]
@@ -121,14 +122,8 @@ def test_operating_point_is_the_highest_threshold_reaching_the_target(case, targ
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished tiny vanilla run on generated images (trained once for this module)."""
-    from trainer import config as config_lib, demo_data, train
-    root = tmp_path_factory.mktemp("eval")
-    demo_data.generate(root / "data", images_per_class=30, seed=1)
-    config = config_lib.load("vanilla", overrides={
-        "data_dir": str(root / "data"), "image_size": 16, "test_per_class": 6,
-        "batch_size": 16, "epochs": 3, "model_dir": str(root / "run")})
-    train.run(config)
-    return root / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("eval"), images_per_class=30, image_size=16,
+                          test_per_class=6, epochs=3, seed=1)
 
 
 @pytest.fixture(scope="module")

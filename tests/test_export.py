@@ -8,18 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import checkpoints, config as config_lib, data, demo_data, export, train
+from conftest import train_tiny_run
+from trainer import checkpoints, config as config_lib, data, export
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    demo_data.generate(root / "data", images_per_class=20, seed=2)
-    config = config_lib.load("vanilla", overrides={
-        "data_dir": str(root / "data"), "image_size": 24, "test_per_class": 4,
-        "batch_size": 16, "epochs": 2, "model_dir": str(root / "run")})
-    train.run(config)
-    return root / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("export"), images_per_class=20, image_size=24,
+                          test_per_class=4, epochs=2, seed=2)
 
 
 def _encoded(mode: str, fmt: str, seed: int) -> bytes:

@@ -39,6 +39,8 @@ flags.DEFINE_integer("max_side", 256, "Images whose longer side exceeds this are
 flags.DEFINE_integer("shard_mb", 150, "Target shard size in MB (GCS reads best at 100-200 MB).")
 flags.DEFINE_integer("workers", 8, "Threads that read and encode images.")
 flags.DEFINE_boolean("dry_run", False, "Print the plan (splits, counts, shards) and write nothing.")
+flags.DEFINE_boolean("check_only", False, "Only run the data check on --src (bad images, stray "
+                     "files, duplicates, leakage) with training's split; write nothing.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +246,16 @@ def plan_text(splits, settings: Settings, source_bytes: int | None) -> str:
     return "\n".join(lines)
 
 
+def check_only(config: config_lib.Config, src: str) -> None:
+    """The data check training runs, on ``src`` alone: prints the usable counts per split."""
+    from trainer import data
+    data_config = dataclasses.replace(config.data, data_dir=src)
+    checked = validate_splits(data.make_splits(data_config), data_config)
+    for name, counts in checked.counts().items():
+        print(f"{name:<5} {sum(counts):6d} images {dict(zip(checked.classes, counts))}")
+    print(f"data check passed: {src}")
+
+
 def prepare(config: config_lib.Config, src: str, dst: str, max_side: int, shard_mb: int,
             workers: int = 8, dry_run: bool = False) -> dict | None:
     """Checks, splits and writes ``src`` into ``dst``; returns the manifest (None for a dry run)."""
@@ -284,14 +296,14 @@ def prepare(config: config_lib.Config, src: str, dst: str, max_side: int, shard_
         shards[name] = [{k: s[k] for k in ("file", "count", "bytes")}
                         for s in progress["shards"].get(name, [])]
     counts = splits.counts()
-    train_counts = counts["train"]
     manifest = {
         "format": data.PREPARED_FORMAT, "version": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "classes": list(splits.classes), "source": src, "test_source": data_config.test_dir,
         "settings": dataclasses.asdict(settings),
         "counts": counts,
-        "class_weights": [sum(train_counts) / (len(train_counts) * c) for c in train_counts],
+        "class_weights": list(data.class_weights([e.label for e in splits.train],
+                                                 len(splits.classes)).values()),
         "shards": shards,
         "files": {name: [{k: f[k] for k in ("relpath", "label", "sha256", "stored", "shard")}
                          for f in entries] for name, entries in files.items()},
@@ -310,6 +322,8 @@ def prepare_from_flags(argv: list[str]) -> None:
     config = config_lib.load(flag.model, flag.config, trainer_flags.overrides())
     config_lib.check_choices(config)
     src = flag.src or config.data.data_dir
+    if src and flag.check_only:
+        return check_only(config, src)
     if not src or not flag.dst:
         raise ConfigError("pass --src=DIR (or --data_dir) and --dst=DIR, local or gs://")
     if flag.max_side < 1 or flag.shard_mb < 1 or flag.workers < 1:
