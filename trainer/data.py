@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 
 import numpy as np
@@ -240,10 +239,6 @@ def class_weights(labels: list[int], n_classes: int) -> dict[int, float]:
     weights = sk_class_weight.compute_class_weight(
         "balanced", classes=np.arange(n_classes), y=np.asarray(labels))
     return {i: float(w) for i, w in enumerate(weights)}
-
-
-def steps(n_images: int, batch_size: int) -> int:
-    return max(1, math.ceil(n_images / batch_size))
 
 
 # --------------------------------------------------------------------------------------------

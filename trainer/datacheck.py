@@ -41,15 +41,19 @@ class Report:
     stray_files: list[str]
 
 
-def decode_error(raw: bytes) -> str | None:
-    """Why the pipeline's decoder cannot read these bytes, or None if it can."""
+def decode_error(raw: bytes, min_side: int = 0) -> str | None:
+    """Why these bytes cannot be used: unreadable by the pipeline's decoder, or smaller than
+    ``min_side``; None if they can. Decodes once."""
     if not raw:
         return "empty file (0 bytes)"
     try:
-        tf.io.decode_image(raw, channels=3, expand_animations=False)
+        image = tf.io.decode_image(raw, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
         detail = str(err.message).split("}}")[-1].strip().splitlines()[0]
         return f"not a readable image ({detail[:120]})"
+    height, width = int(image.shape[0]), int(image.shape[1])
+    if min(height, width) < min_side:
+        return f"too small ({width}x{height}; --min_image_side is {min_side})"
     return None
 
 
@@ -59,18 +63,7 @@ def inspect(path: str, min_side: int) -> ImageInfo:
         raw = storage.read_bytes(path)
     except (OSError, tf.errors.OpError) as err:
         return ImageInfo(path, "", f"cannot be read ({str(err).splitlines()[0][:120]})")
-    digest = hashlib.sha256(raw).hexdigest()
-    problem = decode_error(raw)
-    if problem is None:
-        height, width = _shape(raw)
-        if min(height, width) < min_side:
-            problem = f"too small ({width}x{height}; --min_image_side is {min_side})"
-    return ImageInfo(path, digest, problem)
-
-
-def _shape(raw: bytes) -> tuple[int, int]:
-    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
-    return int(image.shape[0]), int(image.shape[1])
+    return ImageInfo(path, hashlib.sha256(raw).hexdigest(), decode_error(raw, min_side))
 
 
 def stray_entries(root: str, classes: list[str]) -> tuple[list[str], list[str]]:
