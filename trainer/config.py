@@ -256,26 +256,28 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
     check_choices(config)
     data, model, train = config.data, config.model, config.train
     rules = [
-        (train.epochs >= 1, "train.epochs (--epochs) must be at least 1"),
-        (train.batch_size >= 1, "train.batch_size (--batch_size) must be at least 1"),
-        (train.learning_rate > 0, "train.learning_rate (--learning_rate) must be positive"),
-        (train.patience >= 0, "train.patience (--patience) must be 0 or more"),
-        (train.min_delta >= 0, "train.min_delta (--min_delta) must be 0 or more"),
+        (train.epochs >= 1, "train.epochs", "must be at least 1"),
+        (train.batch_size >= 1, "train.batch_size", "must be at least 1"),
+        (train.learning_rate > 0, "train.learning_rate", "must be positive"),
+        (train.patience >= 0, "train.patience", "must be 0 or more"),
+        (train.min_delta >= 0, "train.min_delta", "must be 0 or more"),
         (train.backup_freq == "epoch" or (train.backup_freq.isdigit()
                                           and int(train.backup_freq) >= 1),
-         "train.backup_freq (--backup_freq) must be epoch or a positive number of steps"),
+         "train.backup_freq", "must be epoch or a positive number of steps"),
         (0 <= data.validation_split < 1,
-         "data.validation_split (--validation_split) must be in [0, 1)"),
-        (data.test_per_class >= 0, "data.test_per_class (--test_per_class) must be 0 or more"),
-        (data.min_image_side >= 1, "data.min_image_side (--min_image_side) must be at least 1"),
-        (data.cache_limit_mb >= 0, "data.cache_limit_mb (--cache_limit_mb) must be 0 or more"),
-        (len(data.classes) >= 2, "data.classes (--classes) needs at least two class names"),
+         "data.validation_split", "must be in [0, 1)"),
+        (data.test_per_class >= 0, "data.test_per_class", "must be 0 or more"),
+        (data.min_image_side >= 1, "data.min_image_side", "must be at least 1"),
+        (data.cache_limit_mb >= 0, "data.cache_limit_mb", "must be 0 or more"),
+        (len(data.classes) >= 2, "data.classes", "needs at least two class names"),
         (len({c.lower() for c in data.classes}) == len(data.classes),
-         "data.classes (--classes) has a name twice (names are matched case-insensitively)"),
+         "data.classes", "has a name twice (names are matched case-insensitively)"),
     ]
-    for ok, message in rules:
+    for ok, key, requirement in rules:
         if not ok:
-            raise ConfigError(f"{message}, got {_value_for(config, message)}")
+            section, name = key.split(".")
+            value = getattr(getattr(config, section), name)
+            raise ConfigError(f"{key} (--{name}) {requirement}, got {value}")
     if model.architecture not in min_image_sizes:
         raise ConfigError(f"model.architecture: unknown model '{model.architecture}'; "
                           f"choose one of {', '.join(sorted(min_image_sizes))}")
@@ -292,12 +294,6 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         raise ConfigError(f"--weights: expected imagenet, none or a weights file; "
                           f"no such file: {weights}")
     return config
-
-
-def _value_for(config: Config, message: str) -> Any:
-    """The current value of the key a validation message names."""
-    section, name = message.split(" ", 1)[0].split(".")
-    return getattr(getattr(config, section), name)
 
 
 def to_dict(config: Config) -> dict:
