@@ -121,7 +121,8 @@ def leaf_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     return leaves
 
 
-def _type_of(section: str, name: str) -> type:
+def field_type(section: str, name: str) -> type:
+    """The declared type of config field ``section.name`` (int, float, bool, str or list)."""
     hints = typing.get_type_hints(type(getattr(Config(), section)))
     return hints[name]
 
@@ -170,7 +171,7 @@ def from_dict(raw: Mapping[str, Any], source: str, base: Config | None = None) -
         for key, value in values.items():
             if key not in names:
                 raise _unknown(f"{section}.{key}", [f"{section}.{n}" for n in names], source)
-            kind = _type_of(section, key)
+            kind = field_type(section, key)
             setattr(target, key, _coerce(value, kind, f"{source}: {section}.{key}"))
     return config
 
@@ -234,7 +235,7 @@ def load(model: str | None = None, config_path: str | None = None,
         if name not in leaves:
             raise _unknown(name, leaves, "flags")
         section, leaf = leaves[name]
-        kind = _type_of(section, name)
+        kind = field_type(section, name)
         setattr(getattr(config, section), name, _coerce(value, kind, f"--{name}"))
     return config
 

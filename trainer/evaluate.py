@@ -53,7 +53,7 @@ def apply_overrides(config: Config, overrides: dict) -> Config:
             raise ConfigError(f"--{name} cannot be changed when evaluating: the run's config.yaml "
                               f"fixes it (evaluation may change --{', --'.join(EVAL_OVERRIDES[:-1])})")
         section, _ = leaves[name]
-        kind = config_lib._type_of(section, name)
+        kind = config_lib.field_type(section, name)
         setattr(getattr(config, section), name, config_lib._coerce(value, kind, f"--{name}"))
     return config
 

@@ -21,7 +21,7 @@ def define_config_flags() -> None:
     flags.DEFINE_string("model", None, "Experiment name: configs/NAME.yaml (vanilla, inception).")
     flags.DEFINE_string("config", None, "Path of a YAML config (local or gs://) instead of --model.")
     for name, (section, leaf) in config_lib.leaf_fields().items():
-        kind = config_lib._type_of(section, name)
+        kind = config_lib.field_type(section, name)
         choices = leaf.metadata.get("choices")
         help_text = f"[{section}] {leaf.metadata['help']}"
         if choices:
