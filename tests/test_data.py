@@ -79,6 +79,38 @@ def test_jpeg_shrunk_in_the_decoder_matches_a_full_decode(size):
     assert np.abs(ours - full.numpy()).mean() < 0.02
 
 
+def _reference_resize(a, size):
+    """The documented resize in numpy: whole-factor k x k means of a centred crop, then the
+    antialiased resize for what is left."""
+    import tensorflow as tf
+    h, w = a.shape[:2]
+    kh, kw = max(h // size, 1), max(w // size, 1)
+    oh, ow = h // kh, w // kw
+    top, left = (h - oh * kh) // 2, (w - ow * kw) // 2
+    a = a[top:top + oh * kh, left:left + ow * kw].reshape(oh, kh, ow, kw, -1).mean(axis=(1, 3))
+    return a if a.shape[:2] == (size, size) else tf.image.resize(a, [size, size],
+                                                                 antialias=True).numpy()
+
+
+# (mode, height, width, size): whole factors only (64 -> 16, 48x96 -> 24), blocks then the
+# antialiased resize (70x67 -> 17x16 -> 16), kept as is (16), resize only (20 -> 50, 24 -> 20).
+RESIZES = [("L", 64, 64, 16), ("RGB", 64, 64, 16), ("L", 70, 67, 16), ("RGBA", 33, 33, 8),
+           ("L", 48, 96, 24), ("L", 16, 16, 16), ("L", 20, 20, 50), ("RGB", 24, 24, 20)]
+
+
+@pytest.mark.parametrize("mode, height, width, size", RESIZES)
+def test_cached_pixels_are_rounded_antialiased_shrinks(mode, height, width, size):
+    rng = np.random.default_rng(height * width)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8)).convert(mode)
+    raw = _encode(image, "PNG")
+    pixels = data.decode_pixels(raw, size).numpy()
+    assert pixels.shape == (size, size, 3) and pixels.dtype == np.uint8
+    exact = _reference_resize(np.asarray(image, np.float32).reshape(height, width, -1), size)
+    exact = np.repeat(exact, 3, -1) if exact.shape[-1] == 1 else exact[..., :3]
+    assert np.abs(pixels - exact).max() <= 0.5 + 1e-3
+    np.testing.assert_array_equal(data.decode_image(raw, size).numpy(), pixels / np.float32(255))
+
+
 def test_resize_to_configured_size():
     decoded = data.decode_image(_encode(Image.fromarray(GRADIENT), "PNG"), 50).numpy()
     assert decoded.shape == (50, 50, 3)
