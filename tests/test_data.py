@@ -81,9 +81,11 @@ def test_jpeg_shrunk_in_the_decoder_matches_a_full_decode(size):
 
 def _reference_resize(a, size):
     """The documented resize in numpy: whole-factor k x k means of a centred crop, then the
-    antialiased resize for what is left."""
+    antialiased resize for what is left; outputs under 1/6 of the shorter side by the resize."""
     import tensorflow as tf
     h, w = a.shape[:2]
+    if size * data.BLOCK_MEAN_MAX_FACTOR < min(h, w):  # small outputs: the resize alone
+        return tf.image.resize(a, [size, size], antialias=True).numpy()
     kh, kw = max(h // size, 1), max(w // size, 1)
     oh, ow = h // kh, w // kw
     top, left = (h - oh * kh) // 2, (w - ow * kw) // 2
@@ -93,9 +95,11 @@ def _reference_resize(a, size):
 
 
 # (mode, height, width, size): whole factors only (64 -> 16, 48x96 -> 24), blocks then the
-# antialiased resize (70x67 -> 17x16 -> 16), kept as is (16), resize only (20 -> 50, 24 -> 20).
+# antialiased resize (70x67 -> 17x16 -> 16), kept as is (16), resize only (20 -> 50, 24 -> 20,
+# and 120 -> 10, an output under 1/6 of the side).
 RESIZES = [("L", 64, 64, 16), ("RGB", 64, 64, 16), ("L", 70, 67, 16), ("RGBA", 33, 33, 8),
-           ("L", 48, 96, 24), ("L", 16, 16, 16), ("L", 20, 20, 50), ("RGB", 24, 24, 20)]
+           ("L", 48, 96, 24), ("L", 16, 16, 16), ("L", 20, 20, 50), ("RGB", 24, 24, 20),
+           ("L", 120, 120, 10), ("L", 60, 130, 10)]
 
 
 @pytest.mark.parametrize("mode, height, width, size", RESIZES)

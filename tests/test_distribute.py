@@ -194,11 +194,12 @@ for name in ("one_device", "mirrored"):
 print("RESULT " + json.dumps(out))
 """
 
-SMALL_RUN = ["--model=vanilla", "--image_size=16", "--test_per_class=6", "--epochs=3",
+SMALL_RUN = ["--model=vanilla", "--image_size=16", "--test_per_class=6", "--epochs=12",
              "--patience=10", "--seed=3"]
 # Tolerance for two training runs that differ only in how the global batch is split: the
 # gradients match up to float summation order, the dropout masks do not (they are drawn per
-# replica), so a few of the 18 test images may change class.
+# replica), so a few of the 18 test images may change class. Twelve epochs take the model past
+# near-uniform predictions (after 3, loss ~0.98 against ln 3 = 1.10, argmax ties flipped 6 images).
 TOLERANCE = {"loss": 0.05, "accuracy": 0.2}
 
 

@@ -1,0 +1,115 @@
+"""Where the first epoch goes: per-image decode/resize cost, and tf.data's end-of-pass stalls.
+
+    python bench/decode_cost.py --data=/tmp/cxr-bench-1024/scale-0.3 --size=256
+
+Part 1, cost per image on one thread (autotuner off, so passes are steady), minimum of --reps
+passes over the same encoded bytes held in memory (no disk):
+  decode           the decoder alone, at the image's own channel count
+  decode rgb       the decoder expanding to 3 channels (what image_dataset_from_directory asks)
+  b: rgb+bilinear  image_dataset_from_directory's load_image (no antialiasing)
+  ours             data.decode_pixels (block means / antialiased resize, 8-bit, RGB)
+Part 2, whole passes of our first epoch (files -> pixels -> cache -> shuffle -> batch) on all
+cores, --passes times with the autotuner on and off: seconds per pass. Passes held back by the
+autotuner end at its period (10 ms doubling: 2.56, 5.12, 10.24 s).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tensorflow as tf  # noqa: E402
+
+from trainer import data  # noqa: E402
+
+EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def image_files(root: str, limit: int) -> list[str]:
+    files = sorted(str(f) for f in Path(root).rglob("*") if f.suffix.lower() in EXTENSIONS)
+    return files[:limit] if limit else files
+
+
+def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
+def per_image_ms(encoded: tf.data.Dataset, fn, n: int, reps: int) -> float:
+    """Milliseconds per image of ``fn`` on one thread: the fastest of ``reps`` passes."""
+    ds = without_autotune(encoded.map(lambda e: fn(e)[:1, :1], num_parallel_calls=1).batch(50))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in ds:
+            pass
+        best = min(best, (time.perf_counter() - start) / n * 1000)
+    return best
+
+
+def decoders(size: int) -> dict:
+    def native(e):
+        image = tf.io.decode_image(e, channels=0, expand_animations=False)
+        image.set_shape([None, None, None])
+        return image
+
+    def rgb(e):
+        return tf.io.decode_image(e, channels=3, expand_animations=False)
+
+    return {"decode": native, "decode rgb": rgb,
+            "b: rgb+bilinear": lambda e: tf.image.resize(rgb(e), [size, size]),
+            "ours": lambda e: data.decode_pixels(e, size)}
+
+
+def first_epoch(files: list[str], size: int, autotune: bool) -> tf.data.Dataset:
+    """Our first epoch as make_dataset builds it (labels left out)."""
+    ds = tf.data.Dataset.from_tensor_slices(files).map(
+        lambda p: data.decode_pixels(tf.io.read_file(p), size),
+        num_parallel_calls=tf.data.AUTOTUNE).cache().shuffle(len(files), seed=1).batch(15)
+    ds = ds.map(data.rescale, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return ds if autotune else without_autotune(ds)
+
+
+def pass_seconds(ds: tf.data.Dataset) -> float:
+    start = time.perf_counter()
+    for _ in ds:
+        pass
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="a folder of images (searched recursively)")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--limit", type=int, default=0, help="use the first N images (0: all)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=5)
+    args = parser.parse_args()
+    files = image_files(args.data, args.limit)
+    if not files:
+        sys.exit(f"error: no PNG/JPEG images under {args.data}")
+    encoded = tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file).cache()
+    for _ in encoded:  # read once: part 1 measures decoding, not the disk
+        pass
+    print(f"{len(files)} images from {args.data}, size {args.size}")
+    print("\nper image, one thread (fastest of %d passes)" % args.reps)
+    for name, fn in decoders(args.size).items():
+        print(f"  {name:18s} {per_image_ms(encoded, fn, len(files), args.reps):6.2f} ms")
+    print("\nfirst-epoch passes on all cores (seconds; images/s of the median)")
+    for autotune in (True, False):
+        seconds = [pass_seconds(first_epoch(files, args.size, autotune))
+                   for _ in range(args.passes)]
+        median = statistics.median(seconds)
+        print(f"  autotune {'on ' if autotune else 'off'}  "
+              + " ".join(f"{s:5.2f}" for s in seconds)
+              + f"   median {median:5.2f} s = {len(files) / median:6.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()
