@@ -8,9 +8,10 @@ passes over the same encoded bytes held in memory (no disk):
   decode rgb       the decoder expanding to 3 channels (what image_dataset_from_directory asks)
   b: rgb+bilinear  image_dataset_from_directory's load_image (no antialiasing)
   ours             data.decode_pixels (block means / antialiased resize, 8-bit, RGB)
-Part 2, whole passes of our first epoch (files -> pixels -> cache -> shuffle -> batch) on all
-cores, --passes times with the autotuner on and off: seconds per pass. Passes held back by the
-autotuner end at its period (10 ms doubling: 2.56, 5.12, 10.24 s).
+Part 2, whole first-epoch passes of our training pipeline (data.make_dataset over a tree with
+one folder per class) on all cores, --passes times with --autotune on and off (off is the
+default): seconds per pass. Passes held back by the autotuner end at its period (10 ms
+doubling: 2.56, 5.12, 10.24 s).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import tensorflow as tf  # noqa: E402
 
-from trainer import data  # noqa: E402
+from trainer import config as config_lib, data  # noqa: E402
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -67,13 +68,15 @@ def decoders(size: int) -> dict:
             "ours": lambda e: data.decode_pixels(e, size)}
 
 
-def first_epoch(files: list[str], size: int, autotune: bool) -> tf.data.Dataset:
-    """Our first epoch as make_dataset builds it (labels left out)."""
-    ds = tf.data.Dataset.from_tensor_slices(files).map(
-        lambda p: data.decode_pixels(tf.io.read_file(p), size),
-        num_parallel_calls=tf.data.AUTOTUNE).cache().shuffle(len(files), seed=1).batch(15)
-    ds = ds.map(data.rescale, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-    return ds if autotune else without_autotune(ds)
+def first_epoch(root: str, size: int, autotune: bool) -> tf.data.Dataset:
+    """Our training pipeline (data.make_dataset, cache in memory) over every image of a tree
+    with one folder per class; the first pass over it is a first epoch."""
+    classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir())
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": root, "classes": classes, "image_size": size, "cache": "memory",
+        "test_per_class": 0, "validation_split": 0.0, "autotune": autotune})
+    splits = data.make_splits(config.data)
+    return data.make_dataset(splits.train, config.data, 15, training=True)
 
 
 def pass_seconds(ds: tf.data.Dataset) -> float:
@@ -85,7 +88,7 @@ def pass_seconds(ds: tf.data.Dataset) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="a folder of images (searched recursively)")
+    parser.add_argument("--data", required=True, help="an image tree with one folder per class")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=0, help="use the first N images (0: all)")
     parser.add_argument("--reps", type=int, default=3)
@@ -103,7 +106,7 @@ def main() -> None:
         print(f"  {name:18s} {per_image_ms(encoded, fn, len(files), args.reps):6.2f} ms")
     print("\nfirst-epoch passes on all cores (seconds; images/s of the median)")
     for autotune in (True, False):
-        seconds = [pass_seconds(first_epoch(files, args.size, autotune))
+        seconds = [pass_seconds(first_epoch(args.data, args.size, autotune))
                    for _ in range(args.passes)]
         median = statistics.median(seconds)
         print(f"  autotune {'on ' if autotune else 'off'}  "

@@ -325,3 +325,13 @@ def test_test_metrics_are_broken_down_by_source(tmp_path):
     by_source = results["sources"]["by_source"]
     assert {k: v["n"] for k, v in by_source.items()} == {"a": 4, "b": 10, "k": 8}
     assert results["sources"]["confounded_classes"] == ["COVID-19"]
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+def test_autotuner_follows_the_config(demo_tree, autotune):
+    config = config_lib.load("vanilla", overrides={"data_dir": str(demo_tree), "image_size": 8,
+                                                   "test_per_class": 5, "autotune": autotune})
+    splits = data.make_splits(config.data)
+    for training in (True, False):
+        ds = data.make_dataset(splits.train, config.data, 4, training=training)
+        assert ds.options().autotune.enabled is autotune

@@ -47,6 +47,9 @@ class DataConfig:
     cache: str = _field("auto", "Cache decoded images in memory: auto (when the split fits in "
                         "cache_limit_mb), memory or none.", ("auto", "memory", "none"))
     cache_limit_mb: int = _field(4096, "Memory budget for the auto cache, in MiB, per split.")
+    autotune: bool = _field(False, "tf.data's autotuner. Off, decoding runs on every core and "
+                            "prefetch sizes itself; on, passes were held back to the tuner's next "
+                            "period here (first epoch 10.3 s instead of 5.4 s; docs/benchmarks.md).")
     check: bool = _field(True, "Check every image before training (decode, size, duplicates, "
                          "leakage across splits).")
     on_bad_image: str = _field("fail", "Unreadable, empty or too small images: fail (listing them) "

@@ -276,7 +276,9 @@ def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
 def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, batch_size: int,
                         training: bool) -> tf.data.Dataset:
     """The common tail for (uint8 image, label) elements: cache them if they fit, reshuffle
-    every epoch, batch, then rescale and one-hot a whole batch at a time."""
+    every epoch, batch, then rescale and one-hot a whole batch at a time. tf.data's autotuner
+    is off unless data.autotune: with it, passes stalled until its next period (10 ms doubling;
+    bench/decode_cost.py)."""
     if should_cache(data, n_images):
         ds = ds.cache()
     if training:
@@ -285,7 +287,9 @@ def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, ba
     ds = ds.batch(batch_size).map(lambda images, labels: (rescale(images),
                                                           tf.one_hot(labels, n_classes)),
                                   num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.autotune.enabled = data.autotune
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def class_weights(labels: list[int], n_classes: int) -> dict[int, float]:
