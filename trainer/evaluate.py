@@ -29,7 +29,8 @@ flags.DEFINE_float("covid_sensitivity", 0.95, "Target sensitivity of the COVID-1
 
 # Config fields evaluation may change: where the images are and how they are batched. The rest
 # (image size, classes, interpolation, split seed, ...) is fixed by the run's config.yaml.
-EVAL_OVERRIDES = ("data_dir", "test_dir", "batch_size", "cache", "cache_limit_mb", "model_dir")
+EVAL_OVERRIDES = ("data_dir", "test_dir", "batch_size", "cache", "cache_limit_mb", "autotune",
+                  "model_dir")
 DISPLAY_SIZE = 160  # Grad-CAM panels, pixels
 
 
