@@ -184,11 +184,14 @@ def decode_pixels(encoded: tf.Tensor, image_size: int, interpolation: str = "bil
     pixels = tf.cond(tf.io.is_jpeg(encoded), lambda: _decode_jpeg_shrunk(encoded, image_size),
                      lambda: tf.io.decode_image(encoded, channels=0, expand_animations=False))
     pixels.set_shape([None, None, None])
-    at_size = tf.reduce_all(tf.shape(pixels)[:2] == image_size)
-    pixels = tf.cond(at_size, lambda: pixels,
+    pixels = tf.cond(_at_size(pixels, image_size), lambda: pixels,
                      lambda: _resize_uint8(pixels, image_size, interpolation))
     return tf.cond(tf.shape(pixels)[-1] < 3,  # gray or gray+alpha -> RGB; RGBA -> RGB
                    lambda: tf.image.grayscale_to_rgb(pixels[..., :1]), lambda: pixels[..., :3])
+
+
+def _at_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    return tf.reduce_all(tf.shape(image)[:2] == image_size)
 
 
 def _resize_uint8(pixels: tf.Tensor, image_size: int, interpolation: str) -> tf.Tensor:
@@ -197,7 +200,7 @@ def _resize_uint8(pixels: tf.Tensor, image_size: int, interpolation: str) -> tf.
     image = tf.cast(pixels, tf.float32)
     large_output = BLOCK_MEAN_MAX_FACTOR * image_size >= tf.reduce_min(tf.shape(image)[:2])
     image = tf.cond(large_output, lambda: block_mean(image, image_size), lambda: image)
-    image = tf.cond(tf.reduce_all(tf.shape(image)[:2] == image_size), lambda: image,
+    image = tf.cond(_at_size(image, image_size), lambda: image,
                     lambda: tf.image.resize(image, [image_size, image_size], method=interpolation,
                                             antialias=True))
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
