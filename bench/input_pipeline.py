@@ -35,7 +35,6 @@ CLASSES = ["COVID-19", "NORMAL", "Viral Pneumonia"]
 ORIGINAL_COUNTS = (219, 1341, 1345)  # the COVID-19 Radiography Database (first release)
 SETTINGS = ((50, 250), (256, 15))
 METHODS = ("a", "b", "c", "d")
-GENERATED = "generated 1024x1024 PNG, scale {scale}"
 
 
 def generate(root: Path, scale: float, side: int = 1024, seed: int = 0) -> Path:
@@ -263,16 +262,16 @@ def main() -> None:
     args = parser.parse_args()
     load = os.getloadavg()
     out = {}
+    generated = f"generated 1024x1024 PNG, scale {args.scale}"  # the set the targets are for
     if args.data:
         out[f"{args.data}"] = benchmark(args.data, args.reps, tuple(args.methods))
     if args.generate:
         root = generate(Path(args.gen_dir) / f"scale-{args.scale}", args.scale)
-        out[GENERATED.format(scale=args.scale)] = benchmark(str(root), args.reps,
-                                                            tuple(args.methods))
+        out[generated] = benchmark(str(root), args.reps, tuple(args.methods))
     print(f"load before: {load}; after: {os.getloadavg()}; cpus: {os.cpu_count()}")
     for name, results in out.items():
         print(report(name, results))
-        if name.startswith(GENERATED.split(",")[0]):
+        if name == generated:
             print(targets_report(results))
         print()
     if args.json:
