@@ -7,7 +7,7 @@ passes over the same encoded bytes held in memory (no disk):
   decode           the decoder alone, at the image's own channel count
   decode rgb       the decoder expanding to 3 channels (what image_dataset_from_directory asks)
   b: rgb+bilinear  image_dataset_from_directory's load_image (no antialiasing)
-  ours             data.decode_pixels (block means / antialiased resize, 8-bit, RGB)
+  ours             data.decode_pixels (area average from the 8-bit pixels, RGB)
 Part 2, whole first-epoch passes of our training pipeline (data.make_dataset over a tree with
 one folder per class) on all cores, --passes times with --autotune on and off (off is the
 default): seconds per pass. Passes held back by the autotuner end at its period (10 ms
@@ -104,14 +104,16 @@ def main() -> None:
     print("\nper image, one thread (fastest of %d passes)" % args.reps)
     for name, fn in decoders(args.size).items():
         print(f"  {name:18s} {per_image_ms(encoded, fn, len(files), args.reps):6.2f} ms")
-    print("\nfirst-epoch passes on all cores (seconds; images/s of the median)")
+    whole_tree = len(image_files(args.data, 0))  # part 2 reads every image, --limit or not
+    print(f"\nfirst-epoch passes over all {whole_tree} images, on all cores "
+          "(seconds; images/s of the median)")
     for autotune in (True, False):
         seconds = [pass_seconds(first_epoch(args.data, args.size, autotune))
                    for _ in range(args.passes)]
         median = statistics.median(seconds)
         print(f"  autotune {'on ' if autotune else 'off'}  "
               + " ".join(f"{s:5.2f}" for s in seconds)
-              + f"   median {median:5.2f} s = {len(files) / median:6.1f} img/s")
+              + f"   median {median:5.2f} s = {whole_tree / median:6.1f} img/s")
 
 
 if __name__ == "__main__":

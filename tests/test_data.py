@@ -74,32 +74,38 @@ def test_jpeg_shrunk_in_the_decoder_matches_a_full_decode(size):
     smooth = np.kron(rng.integers(0, 256, (28, 28)), np.ones((8, 8))).astype(np.uint8)
     raw = _encode(Image.fromarray(smooth), "JPEG")  # 224x224
     ours = data.decode_image(raw, size).numpy()
-    full = tf.image.resize(tf.io.decode_jpeg(raw, channels=3), [size, size], antialias=True) / 255
+    full = tf.image.resize(tf.io.decode_jpeg(raw, channels=3), [size, size], method="area") / 255
     assert ours.shape == (size, size, 3)
     assert np.abs(ours - full.numpy()).mean() < 0.02
 
 
+def _area_weights(n_in, n_out):
+    """[n_out, n_in]: the share of each input pixel inside each output pixel's footprint."""
+    edges = np.arange(n_out + 1) * n_in / n_out
+    lo, hi = edges[:-1, None], edges[1:, None]
+    j = np.arange(n_in)[None, :]
+    return np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0, None) / (n_in / n_out)
+
+
 def _reference_resize(a, size):
-    """The documented resize in numpy: whole-factor k x k means of a centred crop, then the
-    antialiased resize for what is left; outputs under 1/6 of the shorter side by the resize."""
-    import tensorflow as tf
+    """The documented resize, computed independently: a shrink is the area average (numpy);
+    an enlargement of either side is Pillow's BILINEAR resize of the float pixels (the same
+    antialiased triangle filter), one channel at a time; images at size are kept."""
     h, w = a.shape[:2]
-    if size * data.BLOCK_MEAN_MAX_FACTOR < min(h, w):  # small outputs: the resize alone
-        return tf.image.resize(a, [size, size], antialias=True).numpy()
-    kh, kw = max(h // size, 1), max(w // size, 1)
-    oh, ow = h // kh, w // kw
-    top, left = (h - oh * kh) // 2, (w - ow * kw) // 2
-    a = a[top:top + oh * kh, left:left + ow * kw].reshape(oh, kh, ow, kw, -1).mean(axis=(1, 3))
-    return a if a.shape[:2] == (size, size) else tf.image.resize(a, [size, size],
-                                                                 antialias=True).numpy()
+    if (h, w) == (size, size):
+        return a
+    if h >= size and w >= size:
+        return np.einsum("ih,hwc,jw->ijc", _area_weights(h, size), a, _area_weights(w, size))
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c]), "F").resize(
+        (size, size), Image.BILINEAR)) for c in range(a.shape[-1])], axis=-1)
 
 
-# (mode, height, width, size): whole factors only (64 -> 16, 48x96 -> 24), blocks then the
-# antialiased resize (70x67 -> 17x16 -> 16), kept as is (16), resize only (20 -> 50, 24 -> 20,
-# and 120 -> 10, an output under 1/6 of the side).
+# (mode, height, width, size): shrinks by whole factors (64 -> 16, 48x96 -> 24) and others
+# (70x67 -> 16, 120 -> 10, 60x130 -> 10), kept as is (16), enlargements (20 -> 50) and one side
+# each way (40x12 -> 16); RGB and RGBA become 3 channels.
 RESIZES = [("L", 64, 64, 16), ("RGB", 64, 64, 16), ("L", 70, 67, 16), ("RGBA", 33, 33, 8),
            ("L", 48, 96, 24), ("L", 16, 16, 16), ("L", 20, 20, 50), ("RGB", 24, 24, 20),
-           ("L", 120, 120, 10), ("L", 60, 130, 10)]
+           ("L", 120, 120, 10), ("L", 60, 130, 10), ("L", 40, 12, 16)]
 
 
 @pytest.mark.parametrize("mode, height, width, size", RESIZES)
@@ -113,6 +119,20 @@ def test_cached_pixels_are_rounded_antialiased_shrinks(mode, height, width, size
     exact = np.repeat(exact, 3, -1) if exact.shape[-1] == 1 else exact[..., :3]
     assert np.abs(pixels - exact).max() <= 0.5 + 1e-3
     np.testing.assert_array_equal(data.decode_image(raw, size).numpy(), pixels / np.float32(255))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "area", "bicubic", "nearest"])
+@pytest.mark.parametrize("size", [20, 100])
+def test_every_interpolation_saturates_into_8_bits(interpolation, size):
+    """A black/white edge: bicubic rings below 0 and above 255; clipped, every row still rises
+    monotonically from 0 to 255 (a value wrapped around 8 bits would break that)."""
+    edge = np.zeros((64, 64), np.uint8)
+    edge[:, 32:] = 255
+    pixels = data.decode_pixels(_encode(Image.fromarray(edge), "PNG"), size, interpolation).numpy()
+    assert pixels.dtype == np.uint8
+    rows = pixels[..., 0].astype(int)
+    assert (np.diff(rows, axis=1) >= 0).all()
+    assert (rows[:, 0] == 0).all() and (rows[:, -1] == 255).all()
 
 
 def test_resize_to_configured_size():

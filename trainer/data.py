@@ -174,12 +174,11 @@ def decode_pixels(encoded: tf.Tensor, image_size: int, interpolation: str = "bil
 
     Any mode (grayscale, RGB, RGBA, palette; 8 or 16 bit) becomes 3 channels (16-bit images
     are read at 8 bits); GIFs give their first frame. Kept at 8 bits, a cached image takes a
-    quarter of the memory of float32. Shrinking is antialiased: to at least 1/6 of the shorter
-    side, whole factors as block means (``block_mean``) and the rest by the interpolation's
-    antialiased resize; smaller outputs by that resize alone; ``nearest`` samples.
-    Speed: images are resized at their own channel count (a grayscale X-ray is 1 channel, not
-    3), not at all when already at size, and JPEGs are shrunk by 2, 4 or 8 inside the decoder
-    while still at least image_size.
+    quarter of the memory of float32. Shrinks average the pixels each output pixel covers;
+    enlargements use the interpolation (``_resize_uint8``). Speed: images are resized from
+    their 8-bit pixels at their own channel count (a grayscale X-ray is 1 channel, not 3), not
+    at all when already at size, and JPEGs are shrunk by 2, 4 or 8 inside the decoder while
+    still at least image_size.
     """
     pixels = tf.cond(tf.io.is_jpeg(encoded), lambda: _decode_jpeg_shrunk(encoded, image_size),
                      lambda: tf.io.decode_image(encoded, channels=0, expand_animations=False))
@@ -195,39 +194,24 @@ def _at_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def _resize_uint8(pixels: tf.Tensor, image_size: int, interpolation: str) -> tf.Tensor:
+    """uint8 in, uint8 out. A shrink (both sides at least image_size) averages the pixels each
+    output pixel covers (area: antialiased by construction, exact k x k means at whole factors,
+    and cheaper than an antialiased kernel); an enlargement of either side uses the
+    interpolation, antialiased; ``nearest`` samples. The filters read the 8-bit pixels as they
+    are: a float copy of a 1024 px image costs more than the shrink (bench/decode_cost.py)."""
+    size = [image_size, image_size]
     if interpolation == "nearest":  # samples pixels: no arithmetic, stays uint8
-        return tf.image.resize(pixels, [image_size, image_size], method="nearest")
-    image = tf.cast(pixels, tf.float32)
-    large_output = BLOCK_MEAN_MAX_FACTOR * image_size >= tf.reduce_min(tf.shape(image)[:2])
-    image = tf.cond(large_output, lambda: block_mean(image, image_size), lambda: image)
-    image = tf.cond(_at_size(image, image_size), lambda: image,
-                    lambda: tf.image.resize(image, [image_size, image_size], method=interpolation,
-                                            antialias=True))
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+        return tf.image.resize(pixels, size, method="nearest")
+    shrink = tf.reduce_all(tf.shape(pixels)[:2] >= image_size)
+    image = tf.cond(shrink, lambda: tf.image.resize(pixels, size, method="area"),
+                    lambda: tf.image.resize(pixels, size, method=interpolation, antialias=True))
+    if interpolation in OVERSHOOTING:
+        image = tf.clip_by_value(image, 0.0, 255.0)
+    return tf.cast(tf.round(image), tf.uint8)
 
 
-# Block means pay when the output is large: an antialiased resize costs in proportion to input
-# rows x output side, block means to the input's pixels (measured: 1024 px -> 256 px, block means
-# 0.7 ms cheaper; 1024 px -> 50 px, the direct resize 0.5 ms cheaper).
-BLOCK_MEAN_MAX_FACTOR = 6
-
-
-def block_mean(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Shrinks each side by the largest whole factor k that keeps it >= image_size, each output
-    pixel the mean of a k x k block (a centred crop drops the < k pixels left over).
-
-    An exact area average, cheaper than an antialiased resize over the full image when the
-    output side is at least 1/BLOCK_MEAN_MAX_FACTOR of the input's (a 1024 px radiograph goes to
-    256 px as 4 x 4 means); what is left is a shrink under 2x.
-    """
-    shape = tf.shape(image)
-    h, w, c = shape[0], shape[1], shape[2]
-    kh, kw = tf.maximum(h // image_size, 1), tf.maximum(w // image_size, 1)
-    oh, ow = h // kh, w // kw
-    top, left = (h - oh * kh) // 2, (w - ow * kw) // 2
-    image = image[top:top + oh * kh, left:left + ow * kw]
-    image = tf.reduce_mean(tf.reshape(image, [oh, kh, ow * kw * c]), axis=1)  # rows
-    return tf.reduce_mean(tf.reshape(image, [oh, ow, kw, c]), axis=2)  # columns
+# Kernels with negative lobes can leave [0, 255]; bilinear and area are weighted means.
+OVERSHOOTING = ("bicubic",)
 
 
 def rescale(pixels: tf.Tensor) -> tf.Tensor:
