@@ -249,6 +249,37 @@ def test_training_dataset_reshuffles_every_epoch(demo_tree):
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("names, expected", [
+    (["a.png", "b.PNG", "c.bmp", "d.gif"], False), (["a.png", "b.JPG"], True),
+    (["x/y.jpeg"], True), ([], False), (["jpg.png"], False),
+])
+def test_only_sets_with_jpeg_names_test_each_format(names, expected):
+    assert data.has_jpeg_names(names) is expected
+
+
+def test_a_jpeg_named_png_in_a_png_set_is_decoded_in_full(tmp_path):
+    """Without JPEG names the pipeline skips the format test; a JPEG among the PNGs still
+    decodes, in full, close to the shrink-in-decoder path that serving uses."""
+    import tensorflow as tf
+    rng = np.random.default_rng(1)
+    smooth = np.kron(rng.integers(0, 256, (28, 28)), np.ones((8, 8))).astype(np.uint8)
+    images = {"NORMAL/real.png": _encode(Image.fromarray(smooth), "PNG"),
+              "NORMAL/disguised.png": _encode(Image.fromarray(smooth), "JPEG")}
+    for name, raw in images.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(raw)
+    config = config_lib.load("vanilla", overrides={"data_dir": str(tmp_path), "image_size": 50,
+                                                   "classes": ["NORMAL"]})
+    examples = sorted(data.list_examples(str(tmp_path), ["NORMAL"]), key=lambda e: e.relpath)
+    x, _ = next(iter(data.make_dataset(examples, config.data, 2, training=False)))
+    disguised, real = (images[f"NORMAL/{e.relpath}"] for e in examples)
+    full = data.decode_image(disguised, 50, jpeg_shrink=False).numpy()
+    np.testing.assert_array_equal(x[0].numpy(), full)
+    assert np.abs(full - data.decode_image(disguised, 50).numpy()).mean() < 0.02
+    np.testing.assert_array_equal(x[1].numpy(), data.decode_image(real, 50).numpy())
+    assert not tf.io.is_jpeg(real) and tf.io.is_jpeg(disguised)
+
+
 @pytest.mark.parametrize("n_images, cache, limit_mb, expected", [
     (20, "auto", 1, True), (10_000, "auto", 1, False), (10_000, "memory", 1, True),
     (10, "none", 4096, False),
