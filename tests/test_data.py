@@ -237,9 +237,10 @@ def test_dataset_shapes_dtypes_ranges_and_label_order(demo_tree, cache):
     assert all(("COVID-19" in e.path) == (e.label == 0) for e in splits.test)
 
 
-def test_training_dataset_reshuffles_every_epoch(demo_tree):
+@pytest.mark.parametrize("cache", ["memory", "none"])  # none: the file list is shuffled
+def test_training_dataset_reshuffles_every_epoch(demo_tree, cache):
     config = config_lib.load("vanilla", overrides={"data_dir": str(demo_tree), "image_size": 8,
-                                                   "test_per_class": 5})
+                                                   "test_per_class": 5, "cache": cache})
     splits = data.make_splits(config.data)
     ds = data.make_dataset(splits.train, config.data, batch_size=1000, training=True)
     first, second = [next(iter(ds))[0].numpy() for _ in range(2)]
@@ -288,6 +289,17 @@ def test_should_cache(n_images, cache, limit_mb, expected):
     cfg = dataclasses.replace(config_lib.DataConfig(), image_size=50, cache=cache,
                               cache_limit_mb=limit_mb)
     assert data.should_cache(cfg, n_images) is expected
+
+
+# 50 px uint8 images take 7,500 bytes: 1 MiB holds 139 of them.
+@pytest.mark.parametrize("n_images, cache, limit_mb, expected", [
+    (20, "auto", 1, 20), (10_000, "auto", 1, 139), (10_000, "memory", 1, 10_000),
+    (10, "none", 4096, 10), (10_000, "none", 1, 139), (0, "auto", 1, 1),
+])
+def test_shuffle_buffer_stays_within_the_cache_budget(n_images, cache, limit_mb, expected):
+    cfg = dataclasses.replace(config_lib.DataConfig(), image_size=50, cache=cache,
+                              cache_limit_mb=limit_mb)
+    assert data.shuffle_buffer(cfg, n_images) == expected
 
 
 @pytest.mark.parametrize("counts", [[179, 1301, 1305], [10, 10, 10], [1, 2, 97], [5, 50]])

@@ -46,8 +46,10 @@ class DataConfig:
                                 "nearest, which samples.",
                                 ("bilinear", "nearest", "bicubic", "area"))
     cache: str = _field("auto", "Cache decoded images in memory: auto (when the split fits in "
-                        "cache_limit_mb), memory or none.", ("auto", "memory", "none"))
-    cache_limit_mb: int = _field(4096, "Memory budget for the auto cache, in MiB, per split.")
+                        "cache_limit_mb), memory or none. Uncached, image files are shuffled "
+                        "before decoding and images stream through.", ("auto", "memory", "none"))
+    cache_limit_mb: int = _field(4096, "Memory budget for decoded images, in MiB, per split: the "
+                                 "auto cache, and the shuffle buffer when uncached.")
     autotune: bool = _field(False, "tf.data's autotuner. Off, decoding runs on every core and "
                             "prefetch sizes itself; on, passes were held back to the tuner's next "
                             "period here (first epoch 10.3 s instead of 5.4 s; docs/benchmarks.md).")

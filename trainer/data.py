@@ -253,8 +253,18 @@ def should_cache(data: DataConfig, n_images: int) -> bool:
     """Cache decoded images when asked, or when the split fits the auto budget."""
     if data.cache != "auto":
         return data.cache == "memory"
-    decoded_bytes = n_images * data.image_size ** 2 * 3  # uint8 pixels
-    return decoded_bytes <= data.cache_limit_mb * 2 ** 20
+    return n_images <= _images_in_budget(data)
+
+
+def shuffle_buffer(data: DataConfig, n_images: int) -> int:
+    """Decoded images held for shuffling: all of a cached split (a full shuffle every epoch);
+    otherwise no more than the cache budget holds, so an uncached split stays within it."""
+    limit = n_images if should_cache(data, n_images) else _images_in_budget(data)
+    return max(1, min(n_images, limit))
+
+
+def _images_in_budget(data: DataConfig) -> int:
+    return data.cache_limit_mb * 2 ** 20 // (data.image_size ** 2 * 3)  # uint8 pixels
 
 
 def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
@@ -265,23 +275,27 @@ def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples], dtype=np.int32)
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    stream = training and not should_cache(data, len(examples))
+    if stream:  # uncached: shuffle the file list; decoded images stream through
+        ds = ds.shuffle(max(len(paths), 1), seed=data.seed, reshuffle_each_iteration=True)
     jpeg_shrink = has_jpeg_names(paths)
     ds = ds.map(lambda p, y: (decode_pixels(tf.io.read_file(p), data.image_size,
                                             data.interpolation, jpeg_shrink), y),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    return cache_shuffle_batch(ds, data, len(examples), batch_size, training)
+    return cache_shuffle_batch(ds, data, len(examples), batch_size, training and not stream)
 
 
 def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, batch_size: int,
-                        training: bool) -> tf.data.Dataset:
+                        shuffle: bool) -> tf.data.Dataset:
     """The common tail for (uint8 image, label) elements: cache them if they fit, reshuffle
-    every epoch, batch, then rescale and one-hot a whole batch at a time. tf.data's autotuner
-    is off unless data.autotune: with it, passes stalled until its next period (10 ms doubling;
-    bench/decode_cost.py)."""
+    every epoch (``shuffle_buffer``), batch, then rescale and one-hot a whole batch at a time.
+    tf.data's autotuner is off unless data.autotune: with it, passes stalled until its next
+    period (10 ms doubling; bench/decode_cost.py)."""
     if should_cache(data, n_images):
         ds = ds.cache()
-    if training:
-        ds = ds.shuffle(max(n_images, 1), seed=data.seed, reshuffle_each_iteration=True)
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer(data, n_images), seed=data.seed,
+                        reshuffle_each_iteration=True)
     n_classes = len(data.classes)
     ds = ds.batch(batch_size).map(lambda images, labels: (rescale(images),
                                                           tf.one_hot(labels, n_classes)),
