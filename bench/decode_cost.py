@@ -7,7 +7,8 @@ passes over the same encoded bytes held in memory (no disk):
   decode           the decoder alone, at the image's own channel count
   decode rgb       the decoder expanding to 3 channels (what image_dataset_from_directory asks)
   b: rgb+bilinear  image_dataset_from_directory's load_image (no antialiasing)
-  ours             data.decode_pixels (area average from the 8-bit pixels, RGB)
+  ours             data.decode_pixels as the pipeline calls it for these files (area average
+                   from the 8-bit pixels, RGB; the JPEG format test only if a name says JPEG)
 Part 2, whole first-epoch passes of our training pipeline (data.make_dataset over a tree with
 one folder per class) on all cores, --passes times with --autotune on and off (off is the
 default): seconds per pass. Passes held back by the autotuner end at its period (10 ms
@@ -54,7 +55,7 @@ def per_image_ms(encoded: tf.data.Dataset, fn, n: int, reps: int) -> float:
     return best
 
 
-def decoders(size: int) -> dict:
+def decoders(size: int, jpeg_shrink: bool) -> dict:
     def native(e):
         image = tf.io.decode_image(e, channels=0, expand_animations=False)
         image.set_shape([None, None, None])
@@ -65,7 +66,7 @@ def decoders(size: int) -> dict:
 
     return {"decode": native, "decode rgb": rgb,
             "b: rgb+bilinear": lambda e: tf.image.resize(rgb(e), [size, size]),
-            "ours": lambda e: data.decode_pixels(e, size)}
+            "ours": lambda e: data.decode_pixels(e, size, jpeg_shrink=jpeg_shrink)}
 
 
 def first_epoch(root: str, size: int, autotune: bool) -> tf.data.Dataset:
@@ -102,7 +103,7 @@ def main() -> None:
         pass
     print(f"{len(files)} images from {args.data}, size {args.size}")
     print("\nper image, one thread (fastest of %d passes)" % args.reps)
-    for name, fn in decoders(args.size).items():
+    for name, fn in decoders(args.size, data.has_jpeg_names(files)).items():
         print(f"  {name:18s} {per_image_ms(encoded, fn, len(files), args.reps):6.2f} ms")
     whole_tree = len(image_files(args.data, 0))  # part 2 reads every image, --limit or not
     print(f"\nfirst-epoch passes over all {whole_tree} images, on all cores "
