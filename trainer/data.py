@@ -228,11 +228,10 @@ def rescale(pixels: tf.Tensor) -> tf.Tensor:
     return tf.cast(pixels, tf.float32) / 255.0
 
 
-def decode_image(encoded: tf.Tensor, image_size: int, interpolation: str = "bilinear",
-                 jpeg_shrink: bool = True) -> tf.Tensor:
+def decode_image(encoded: tf.Tensor, image_size: int, interpolation: str = "bilinear") -> tf.Tensor:
     """Encoded image bytes -> float32 [size, size, 3] in [0, 1]: exactly the pixels training
     sees. Used by the serving export, predict and evaluate."""
-    return rescale(decode_pixels(encoded, image_size, interpolation, jpeg_shrink))
+    return rescale(decode_pixels(encoded, image_size, interpolation))
 
 
 def _decode_jpeg_shrunk(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
