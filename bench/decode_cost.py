@@ -29,12 +29,9 @@ import tensorflow as tf  # noqa: E402
 
 from trainer import config as config_lib, data  # noqa: E402
 
-EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-def image_files(root: str, limit: int) -> list[str]:
-    files = sorted(str(f) for f in Path(root).rglob("*") if f.suffix.lower() in EXTENSIONS)
-    return files[:limit] if limit else files
+def image_files(root: str) -> list[str]:
+    return sorted(str(f) for f in Path(root).rglob("*")
+                  if f.suffix.lower() in data.IMAGE_EXTENSIONS)
 
 
 def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -95,9 +92,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--passes", type=int, default=5)
     args = parser.parse_args()
-    files = image_files(args.data, args.limit)
+    tree = image_files(args.data)
+    files = tree[:args.limit] if args.limit else tree
     if not files:
-        sys.exit(f"error: no PNG/JPEG images under {args.data}")
+        sys.exit(f"error: no images ({', '.join(data.IMAGE_EXTENSIONS)}) under {args.data}")
     encoded = tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file).cache()
     for _ in encoded:  # read once: part 1 measures decoding, not the disk
         pass
@@ -105,7 +103,7 @@ def main() -> None:
     print("\nper image, one thread (fastest of %d passes)" % args.reps)
     for name, fn in decoders(args.size, data.has_jpeg_names(files)).items():
         print(f"  {name:18s} {per_image_ms(encoded, fn, len(files), args.reps):6.2f} ms")
-    whole_tree = len(image_files(args.data, 0))  # part 2 reads every image, --limit or not
+    whole_tree = len(tree)  # part 2 reads every image, --limit or not
     print(f"\nfirst-epoch passes over all {whole_tree} images, on all cores "
           "(seconds; images/s of the median)")
     for autotune in (True, False):

@@ -73,8 +73,9 @@ def timed_pass(iterable, n_images: int) -> dict:
 
 
 def count_images(root: str) -> int:
+    from trainer import data
     return sum(1 for c in Path(root).iterdir() if c.is_dir() for f in c.rglob("*")
-               if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+               if f.suffix.lower() in data.IMAGE_EXTENSIONS)
 
 
 def worker(method: str, root: str, prepared: str, size: int, batch: int, reps: int) -> dict:
