@@ -88,24 +88,37 @@ def _area_weights(n_in, n_out):
 
 
 def _reference_resize(a, size):
-    """The documented resize, computed independently: a shrink is the area average (numpy);
-    an enlargement of either side is Pillow's BILINEAR resize of the float pixels (the same
-    antialiased triangle filter), one channel at a time; images at size are kept."""
+    """The documented resize, computed independently: a shrink is the area average (numpy),
+    taken from 4 x 4 block means first for a grayscale image with sides divisible by 4 and
+    exactly 4x or at least 16x the size; an enlargement of either side is Pillow's BILINEAR
+    resize of the float pixels (the same antialiased triangle filter), one channel at a time;
+    images at size are kept."""
     h, w = a.shape[:2]
     if (h, w) == (size, size):
         return a
     if h >= size and w >= size:
+        if _takes_block_means(a.shape, size):
+            a = a.reshape(h // 4, 4, w // 4, 4, 1).mean(axis=(1, 3))
+            h, w = h // 4, w // 4
         return np.einsum("ih,hwc,jw->ijc", _area_weights(h, size), a, _area_weights(w, size))
     return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c]), "F").resize(
         (size, size), Image.BILINEAR)) for c in range(a.shape[-1])], axis=-1)
 
 
+def _takes_block_means(shape, size):
+    h, w, channels = shape
+    return (channels == 1 and h % 4 == 0 and w % 4 == 0
+            and ((h, w) == (4 * size, 4 * size) or min(h, w) >= 16 * size))
+
+
 # (mode, height, width, size): shrinks by whole factors (64 -> 16, 48x96 -> 24) and others
 # (70x67 -> 16, 120 -> 10, 60x130 -> 10), kept as is (16), enlargements (20 -> 50) and one side
-# each way (40x12 -> 16); RGB and RGBA become 3 channels.
+# each way (40x12 -> 16); RGB and RGBA become 3 channels. Grayscale 64 -> 16 (exactly 4x),
+# 176 -> 10 and 192x320 -> 12 (16x or more) take 4 x 4 block means first.
 RESIZES = [("L", 64, 64, 16), ("RGB", 64, 64, 16), ("L", 70, 67, 16), ("RGBA", 33, 33, 8),
            ("L", 48, 96, 24), ("L", 16, 16, 16), ("L", 20, 20, 50), ("RGB", 24, 24, 20),
-           ("L", 120, 120, 10), ("L", 60, 130, 10), ("L", 40, 12, 16)]
+           ("L", 120, 120, 10), ("L", 60, 130, 10), ("L", 40, 12, 16), ("L", 176, 176, 10),
+           ("L", 192, 320, 12), ("RGB", 192, 192, 12)]
 
 
 @pytest.mark.parametrize("mode, height, width, size", RESIZES)
@@ -119,6 +132,26 @@ def test_cached_pixels_are_rounded_antialiased_shrinks(mode, height, width, size
     exact = np.repeat(exact, 3, -1) if exact.shape[-1] == 1 else exact[..., :3]
     assert np.abs(pixels - exact).max() <= 0.5 + 1e-3
     np.testing.assert_array_equal(data.decode_image(raw, size).numpy(), pixels / np.float32(255))
+
+
+@pytest.mark.parametrize("side, size", [(128, 32), (128, 16), (1024, 50)])
+def test_block_means_of_white_stay_white(side, size):
+    """4 x 4 sums of 255 fill the 16-bit lanes they are added in most; none may carry over."""
+    white = _encode(Image.fromarray(np.full((side, side), 255, np.uint8)), "PNG")
+    assert (data.decode_pixels(white, size).numpy() == 255).all()
+
+
+def test_block_means_stay_within_a_grey_level_of_area():
+    """An X-ray-like image (smooth body plus noise) shrunk 16.8x: averaging 4 x 4 block means
+    instead of the pixels themselves moves no pixel by more than a grey level."""
+    import tensorflow as tf
+    yy, xx = np.mgrid[0:840, 0:840] / 840
+    body = 60 + 150 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.45) ** 2) / 0.08)
+    noisy = body + np.random.default_rng(0).normal(0, 12, body.shape)
+    image = np.clip(noisy, 0, 255).astype(np.uint8)
+    ours = data.decode_pixels(_encode(Image.fromarray(image), "PNG"), 50).numpy()[..., 0]
+    area = tf.image.resize(image[..., None], [50, 50], method="area").numpy()[..., 0]
+    assert np.abs(ours - np.round(area)).max() <= 1
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "area", "bicubic", "nearest"])
