@@ -207,18 +207,33 @@ def _at_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
 def _resize_uint8(pixels: tf.Tensor, image_size: int, interpolation: str) -> tf.Tensor:
     """uint8 in, uint8 out. A shrink (both sides at least image_size) averages the pixels each
     output pixel covers (``_shrink``: antialiased by construction, and cheaper than an
-    antialiased kernel); an enlargement of either side uses the interpolation, antialiased;
-    ``nearest`` samples. The filters read the 8-bit pixels as they are: a float copy of a
-    1024 px image costs more than the shrink (bench/decode_cost.py)."""
+    antialiased kernel); an enlargement of either side uses the interpolation, antialiased
+    where a side shrinks (``_enlarge``); ``nearest`` samples. The filters read the 8-bit
+    pixels as they are: a float copy of a 1024 px image costs more than the shrink
+    (bench/decode_cost.py)."""
     size = [image_size, image_size]
     if interpolation == "nearest":  # samples pixels: no arithmetic, stays uint8
         return tf.image.resize(pixels, size, method="nearest")
     shrink = tf.reduce_all(tf.shape(pixels)[:2] >= image_size)
     image = tf.cond(shrink, lambda: _shrink(pixels, image_size),
-                    lambda: tf.image.resize(pixels, size, method=interpolation, antialias=True))
+                    lambda: _enlarge(pixels, image_size, interpolation))
     if interpolation in OVERSHOOTING:
         image = tf.clip_by_value(image, 0.0, 255.0)
     return tf.cast(tf.round(image), tf.uint8)
+
+
+def _enlarge(pixels: tf.Tensor, image_size: int, interpolation: str) -> tf.Tensor:
+    """At least one side grows. Where none shrinks, antialiasing leaves the filter as it is,
+    and bilinear takes TensorFlow's plain kernel: the same triangle filter upward (within
+    0.01 of a grey level) at half the cost of the antialiased resampler (224 to 256 px JPEGs:
+    1.2 against 2.5 ms an image). Bicubic's plain kernel is another cubic, so it keeps the
+    resampler."""
+    size = [image_size, image_size]
+    if interpolation != "bilinear":
+        return tf.image.resize(pixels, size, method=interpolation, antialias=True)
+    grows_only = tf.reduce_all(tf.shape(pixels)[:2] <= image_size)
+    return tf.cond(grows_only, lambda: tf.image.resize(pixels, size, method="bilinear"),
+                   lambda: tf.image.resize(pixels, size, method="bilinear", antialias=True))
 
 
 def _shrink(pixels: tf.Tensor, image_size: int) -> tf.Tensor:
