@@ -181,11 +181,10 @@ def decode_pixels(encoded: tf.Tensor, image_size: int, interpolation: str = "bil
     their 8-bit pixels at their own channel count (a grayscale X-ray is 1 channel, not 3), not
     at all when already at size, JPEGs are shrunk by 2, 4 or 8 inside the decoder while
     still at least image_size, and grayscale images 4x or 16x the size and more are averaged
-    in 4 x 4 blocks first
-    (``_shrink``). ``jpeg_shrink=False`` (sets without JPEG file names) drops the
-    format test that routes JPEGs there: a conditional around the decoder cost about 8% of a
-    first epoch over 1024 px PNGs. A JPEG read that way is decoded in full, so its pixels may
-    differ slightly (within 2% on average) from the shrunk decode.
+    in 4 x 4 blocks first (``_shrink``). ``jpeg_shrink=False`` (sets without JPEG file names)
+    drops the format test that routes JPEGs there: a conditional around the decoder cost
+    about 8% of a first epoch over 1024 px PNGs. A JPEG read that way is decoded in full, so
+    its pixels may differ slightly (within 2% on average) from the shrunk decode.
     """
     if jpeg_shrink:
         pixels = tf.cond(tf.io.is_jpeg(encoded),
@@ -225,9 +224,9 @@ def _resize_uint8(pixels: tf.Tensor, image_size: int, interpolation: str) -> tf.
 def _enlarge(pixels: tf.Tensor, image_size: int, interpolation: str) -> tf.Tensor:
     """At least one side grows. Where none shrinks, antialiasing leaves the filter as it is,
     and bilinear takes TensorFlow's plain kernel: the same triangle filter upward (within
-    0.01 of a grey level) at half the cost of the antialiased resampler (224 to 256 px JPEGs:
-    1.2 against 2.5 ms an image). Bicubic's plain kernel is another cubic, so it keeps the
-    resampler."""
+    0.01 of a grey level) at half the cost of the antialiased resampler (decoding a 224 px
+    JPEG and enlarging it to 256 px: 1.2 against 2.5 ms of CPU). Bicubic's plain kernel is
+    another cubic, so it keeps the resampler."""
     size = [image_size, image_size]
     if interpolation != "bilinear":
         return tf.image.resize(pixels, size, method=interpolation, antialias=True)
