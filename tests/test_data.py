@@ -113,8 +113,9 @@ def _takes_block_means(shape, size):
 
 # (mode, height, width, size): shrinks by whole factors (64 -> 16, 48x96 -> 24) and others
 # (70x67 -> 16, 120 -> 10, 60x130 -> 10), kept as is (16), enlargements (20 -> 50, 28 -> 40,
-# 16x12 -> 16) and one side each way (40x12 -> 16); RGB and RGBA become 3 channels. Grayscale 64 -> 16 (exactly 4x),
-# 176 -> 10 and 192x320 -> 12 (16x or more) take 4 x 4 block means first.
+# 16x12 -> 16) and one side each way (40x12 -> 16); RGB and RGBA become 3 channels.
+# Grayscale 64 -> 16 (exactly 4x), 176 -> 10 and 192x320 -> 12 (16x or more) take 4 x 4
+# block means first.
 RESIZES = [("L", 64, 64, 16), ("RGB", 64, 64, 16), ("L", 70, 67, 16), ("RGBA", 33, 33, 8),
            ("L", 48, 96, 24), ("L", 16, 16, 16), ("L", 20, 20, 50), ("RGB", 24, 24, 20),
            ("L", 120, 120, 10), ("L", 60, 130, 10), ("L", 40, 12, 16), ("L", 176, 176, 10),
