@@ -8,7 +8,8 @@ passes over the same encoded bytes held in memory (no disk):
   decode rgb       the decoder expanding to 3 channels (what image_dataset_from_directory asks)
   b: rgb+bilinear  image_dataset_from_directory's load_image (no antialiasing)
   ours             data.decode_pixels as the pipeline calls it for these files (area average
-                   from the 8-bit pixels, RGB; the JPEG format test only if a name says JPEG)
+                   from the 8-bit pixels, after 4 x 4 block means for large grayscale images;
+                   RGB; the JPEG format test only if a name says JPEG)
 Part 2, whole first-epoch passes of our training pipeline (data.make_dataset over a tree with
 one folder per class) on all cores, --passes times with --autotune on and off (off is the
 default): seconds per pass. Passes held back by the autotuner end at its period (10 ms

@@ -41,9 +41,9 @@ class DataConfig:
     validation_split: float = _field(0.2, "Fraction of the training tree held out for validation.")
     test_per_class: int = _field(40, "Images per class held out for testing when no test_dir is given.")
     seed: int = _field(28, "Seed of the split hash, the shuffle and the weight initialisation.")
-    interpolation: str = _field("bilinear", "Resize method for enlargements (antialiased); "
-                                "shrinks average the pixels each output pixel covers, except "
-                                "nearest, which samples.",
+    interpolation: str = _field("bilinear", "Resize method for enlargements (antialiased where "
+                                "a side shrinks); shrinks average the pixels each output pixel "
+                                "covers, except nearest, which samples.",
                                 ("bilinear", "nearest", "bicubic", "area"))
     cache: str = _field("auto", "Cache decoded images in memory: auto (when the split fits in "
                         "cache_limit_mb), memory or none. Uncached, image files are shuffled "
