@@ -205,9 +205,9 @@ LESION = (slice(3, 9), slice(18, 24))  # rows, columns of the bright square in 3
 
 def _lesion_images(n: int, seed: int):
     rng = np.random.default_rng(seed)
-    x = rng.uniform(0.0, 0.4, size=(n, 32, 32, 3)).astype("float32")
+    x = rng.integers(0, 103, size=(n, 32, 32, 3), dtype=np.uint8)  # pixels, as models take them
     y = np.arange(n) % 2
-    x[y == 1, LESION[0], LESION[1], :] = 1.0
+    x[y == 1, LESION[0], LESION[1], :] = 255
     return x, y
 
 
@@ -242,7 +242,7 @@ def test_gradcam_finds_the_last_convolution(architecture, size, layer):
     from trainer.config import ModelConfig
     model = models.build(ModelConfig(architecture=architecture, weights="none"), size, 3)
     assert gradcam.last_conv_layer(model).name == layer
-    images = np.random.default_rng(0).uniform(size=(2, size, size, 3)).astype("float32")
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     maps, probs = gradcam.heatmaps(model, images)
     assert maps.shape == (2, size, size) and probs.shape == (2, 3)
     assert np.isfinite(maps).all()

@@ -49,8 +49,8 @@ def test_export_round_trip_equals_in_process_predictions(run_dir, mode, fmt):
     serve = export.load_signature(str(run_dir / "export"))
     batch = [_encoded(mode, fmt, seed) for seed in range(3)]
     out = serve(image_bytes=np.array(batch, dtype=object))
-    images = np.stack([data.decode_image(b, config.data.image_size,
-                                         config.data.interpolation).numpy() for b in batch])
+    images = np.stack([data.decode_pixels(b, config.data.image_size,
+                                          config.data.interpolation).numpy() for b in batch])
     expected = model.predict(images, verbose=0)
     np.testing.assert_allclose(out["probabilities"].numpy(), expected, rtol=1e-5, atol=1e-6)
     names = [n.decode() for n in out["class_name"].numpy()]

@@ -18,7 +18,7 @@ def _model_config(architecture, **changes):
 def _train_one_step(model, size):
     config = config_lib.Config()
     train.compile_model(model, config)
-    x = np.random.default_rng(0).random((4, size, size, 3), dtype=np.float32)
+    x = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
     y = keras.utils.to_categorical([0, 1, 2, 0], 3)
     before = [w.numpy().copy() for w in model.trainable_weights]
     logs = model.fit(x, y, batch_size=4, epochs=1, verbose=0).history
@@ -29,7 +29,7 @@ def _train_one_step(model, size):
 def test_vanilla_is_the_tutorial_convnet():
     model = models.build(_model_config("vanilla", preprocess="tutorial"), 50, 3)
     assert model.input_shape == (None, 50, 50, 3) and model.output_shape == (None, 3)
-    kinds = [type(layer).__name__ for layer in model.layers[1:]]
+    kinds = [type(layer).__name__ for layer in model.layers[2:]]
     assert kinds == ["Conv2D", "MaxPooling2D", "Dropout", "Flatten", "Dense", "Dense"]
     conv, dense = model.get_layer("conv"), model.layers[-2]
     assert conv.filters == 32 and conv.kernel_size == (3, 3) and dense.units == 256
@@ -75,11 +75,25 @@ def test_preprocess_mode(preprocess, weights, expected):
                                                 weights=weights)) == expected
 
 
-def test_inception_scaling_maps_unit_range_to_minus_one_one():
-    model = models.build(_model_config("vanilla", preprocess="inception"), 8, 3)
-    scaling = keras.Model(model.input, model.get_layer("inception_scaling").output)
-    out = scaling(np.array([[[[0.0, 0.5, 1.0]] * 8] * 8], np.float32)).numpy()
-    np.testing.assert_allclose(out[0, 0, 0], [-1.0, 0.0, 1.0])
+SCALINGS = [  # preprocess, the scaling layer, what pixels 0, 51, 255 become
+    ("tutorial", "scaling", [0.0, 0.2, 1.0]),
+    ("inception", "inception_scaling", [-1.0, -0.6, 1.0]),
+]
+
+
+@pytest.mark.parametrize("preprocess, layer, expected", SCALINGS)
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_models_take_uint8_pixels_and_scale_them_in_float32(preprocess, layer, expected, policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = models.build(_model_config("vanilla", preprocess=preprocess), 8, 3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.input.dtype == "uint8"
+    scaling = keras.Model(model.input, model.get_layer(layer).output)
+    out = scaling(np.array([[[[0, 51, 255]] * 8] * 8], np.uint8))
+    assert out.dtype == "float32"
+    np.testing.assert_allclose(out.numpy()[0, 0, 0], expected, rtol=1e-6, atol=1e-7)
 
 
 def test_imagenet_offline_is_a_clear_error(monkeypatch, tmp_path):
@@ -92,3 +106,54 @@ def test_imagenet_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_registry_lists_both_models():
     assert models.min_image_sizes() == {"vanilla": 4, "inception": 75}
+
+
+def _float_input_vanilla(size: int):
+    """The vanilla model as built before models took uint8 pixels: float [0, 1] input, no
+    scaling layer (checkpoints and backups of older runs hold this graph)."""
+    layers = keras.layers
+    inputs = keras.Input((size, size, 3), name="image")
+    x = layers.Conv2D(32, (3, 3), activation="relu", name="conv")(inputs)
+    x = layers.Flatten()(layers.Dropout(0.5)(layers.MaxPooling2D((2, 2))(x)))
+    x = layers.Dense(256, activation="relu")(x)
+    return keras.Model(inputs, layers.Dense(3, activation="softmax", name="probabilities")(x))
+
+
+PIXELS = np.array([[[[0, 51, 255]] * 4] * 4], np.uint8)
+FEEDS = [  # model input dtype -> what models.feed hands it for PIXELS
+    ("uint8", PIXELS),
+    ("float32", PIXELS / np.float32(255)),
+    ("float16", (PIXELS / np.float32(255)).astype(np.float16)),
+]
+
+
+@pytest.mark.parametrize("dtype, expected", FEEDS)
+def test_feed_gives_each_model_the_input_it_was_built_for(dtype, expected):
+    import tensorflow as tf
+    model = keras.Sequential([keras.Input((4, 4, 3), dtype=dtype), keras.layers.Flatten()])
+    fed = models.feed(model, PIXELS)
+    assert tf.as_dtype(fed.dtype).name == dtype
+    np.testing.assert_array_equal(np.asarray(fed), expected)
+    ds = models.feed_dataset(model, tf.data.Dataset.from_tensors((PIXELS, [1.0])))
+    np.testing.assert_array_equal(next(iter(ds))[0].numpy(), expected)
+
+
+def test_backup_of_a_float_input_model_resumes_into_the_pixel_model(tmp_path):
+    """An interrupted run backed up before models took pixels resumes with every weight and
+    the optimizer state: the checkpoint matches layers with weights in order, and the new
+    weightless scaling layer takes none of them."""
+    x = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    y = keras.utils.to_categorical(np.arange(8) % 3, 3)
+    old = _float_input_vanilla(16)
+    train.compile_model(old, config_lib.Config())
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False)
+    old.fit(x / np.float32(255), y, epochs=1, verbose=0, callbacks=[backup])
+    new = models.build(_model_config("vanilla", preprocess="tutorial"), 16, 3)
+    train.compile_model(new, config_lib.Config())
+    new.fit(x, y, epochs=1, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path))])
+    assert len(new.weights) == len(old.weights)
+    for before, after in zip(old.weights, new.weights):
+        np.testing.assert_array_equal(before.numpy(), after.numpy())
+    assert int(new.optimizer.iterations) == int(old.optimizer.iterations) == 1
+    np.testing.assert_allclose(new.predict(x, verbose=0),
+                               old.predict(x / np.float32(255), verbose=0), rtol=1e-5, atol=1e-6)

@@ -109,3 +109,16 @@ def test_cli_reports_bad_files_and_continues(run_dir, files):
     assert [r["path"] for r in rows] == [files["png"]]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "Traceback" not in proc.stderr
+
+
+def test_a_float_input_checkpoint_still_gets_unit_range_images(files, tmp_path):
+    """Checkpoints written before models took uint8 pixels are fed [0, 1] floats, as then."""
+    from trainer import data
+    from trainer.keras_api import keras
+    inputs = keras.Input((16, 16, 3))
+    old = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(
+        keras.layers.Flatten()(inputs)))
+    results, errors = predict.predict_files(old, [files["png"]], 16, "bilinear")
+    expected = old.predict(data.decode_image(Path(files["png"]).read_bytes(), 16)[None], verbose=0)
+    assert not errors
+    np.testing.assert_allclose(results[0][1], expected[0], rtol=1e-6)

@@ -1,4 +1,4 @@
-"""tf.data input: class folders, deterministic stratified splits, decode/resize/rescale, batching.
+"""tf.data input: class folders, deterministic stratified splits, decode/resize to uint8, batching.
 
 File access goes through tf.io.gfile (via ``storage``), so local paths and gs:// behave alike.
 """
@@ -196,7 +196,13 @@ def decode_pixels(encoded: tf.Tensor, image_size: int, interpolation: str = "bil
     pixels = tf.cond(_at_size(pixels, image_size), lambda: pixels,
                      lambda: _resize_uint8(pixels, image_size, interpolation))
     return tf.cond(tf.shape(pixels)[-1] < 3,  # gray or gray+alpha -> RGB; RGBA -> RGB
-                   lambda: tf.image.grayscale_to_rgb(pixels[..., :1]), lambda: pixels[..., :3])
+                   lambda: _gray_to_rgb(pixels, image_size), lambda: pixels[..., :3])
+
+
+def _gray_to_rgb(pixels: tf.Tensor, image_size: int) -> tf.Tensor:
+    """The first channel three times: broadcast_to costs about half of grayscale_to_rgb's tile
+    on a 256 px image."""
+    return tf.broadcast_to(pixels[..., :1], [image_size, image_size, 3])
 
 
 def _at_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -279,8 +285,8 @@ def rescale(pixels: tf.Tensor) -> tf.Tensor:
 
 
 def decode_image(encoded: tf.Tensor, image_size: int, interpolation: str = "bilinear") -> tf.Tensor:
-    """Encoded image bytes -> float32 [size, size, 3] in [0, 1]: exactly the pixels training
-    sees. Used by the serving export, predict and evaluate."""
+    """Encoded image bytes -> float32 [size, size, 3] in [0, 1]: the pixels training sees, as
+    the [0, 1] floats that plots draw (models take ``decode_pixels``, see models.feed)."""
     return rescale(decode_pixels(encoded, image_size, interpolation))
 
 
@@ -318,7 +324,7 @@ def _images_in_budget(data: DataConfig) -> int:
 
 def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
                  training: bool) -> tf.data.Dataset:
-    """Decoded, resized, batched images with one-hot labels; shuffled every epoch if training."""
+    """Decoded, resized, batched uint8 images, one-hot labels; shuffled every epoch if training."""
     if examples and examples[0].shard:
         return make_shard_dataset(examples, data, batch_size, training)
     paths = [e.path for e in examples]
@@ -337,7 +343,9 @@ def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
 def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, batch_size: int,
                         shuffle: bool) -> tf.data.Dataset:
     """The common tail for (uint8 image, label) elements: cache them if they fit, reshuffle
-    every epoch (``shuffle_buffer``), batch, then rescale and one-hot a whole batch at a time.
+    every epoch (``shuffle_buffer``), batch, one-hot the labels. Images stay uint8: the
+    models scale them on the device (models.py), which saves the CPU a float copy of every
+    batch (about 10% of a first epoch over 1024 px PNGs at 256 px, bench/decode_cost.py).
     tf.data's autotuner is off unless data.autotune: with it, passes stalled until its next
     period (10 ms doubling; bench/decode_cost.py)."""
     if should_cache(data, n_images):
@@ -346,8 +354,7 @@ def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, ba
         ds = ds.shuffle(shuffle_buffer(data, n_images), seed=data.seed,
                         reshuffle_each_iteration=True)
     n_classes = len(data.classes)
-    ds = ds.batch(batch_size).map(lambda images, labels: (rescale(images),
-                                                          tf.one_hot(labels, n_classes)),
+    ds = ds.batch(batch_size).map(lambda images, labels: (images, tf.one_hot(labels, n_classes)),
                                   num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.autotune.enabled = data.autotune

@@ -81,8 +81,9 @@ def positive_class(classes: list[str]) -> int:
 
 def predict_probabilities(model, examples, config: Config):
     from trainer import data
+    from trainer import models
     ds = data.make_dataset(examples, config.data, config.train.batch_size, training=False)
-    return model.predict(ds, verbose=0)
+    return model.predict(models.feed_dataset(model, ds), verbose=0)
 
 
 def pick_for_gradcam(labels, preds, n: int, n_classes: int) -> list[list[int]]:
@@ -105,14 +106,14 @@ def gradcam_figure(model, examples, picked, probs, config: Config) -> bytes:
     """Grad-CAM of the predicted class, overlaid on each picked image."""
     import numpy as np
     import tensorflow as tf
-    from trainer import data, gradcam, plots, storage
+    from trainer import data, gradcam, models, plots, storage
     flat = [i for row in picked for i in row]
     if not flat:
         return plots.gradcam_png([[] for _ in picked], config.data.classes)
     size, interp = config.data.image_size, config.data.interpolation
     raw = [storage.read_bytes(examples[i].path) for i in flat]
-    inputs = np.stack([data.decode_image(b, size, interp).numpy() for b in raw])
-    maps, _ = gradcam.heatmaps(model, inputs)
+    pixels = np.stack([data.decode_pixels(b, size, interp).numpy() for b in raw])
+    maps, _ = gradcam.heatmaps(model, models.feed(model, pixels))
     shown = max(DISPLAY_SIZE, size)
     big_maps = tf.image.resize(maps[..., None], [shown, shown]).numpy()[..., 0]
     classes = config.data.classes

@@ -1,7 +1,7 @@
 """The serving export: RUN/export/, a SavedModel whose ``serving_default`` signature takes
 encoded image bytes (PNG, JPEG, BMP, GIF) and returns class probabilities and the class name.
 
-Decoding is ``data.decode_image``, the function the training pipeline uses, with the run's
+Decoding is ``data.decode_pixels``, the function the training pipeline uses, with the run's
 image size and interpolation, so a server sees exactly the pixels training saw.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import tensorflow as tf
 from absl import logging
 
-from trainer import data, storage
+from trainer import data, models, storage
 from trainer.config import Config
 
 SIGNATURE = "serving_default"
@@ -29,8 +29,9 @@ class ServingModule(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(self, image_bytes):
         size = self.image_size
-        images = tf.map_fn(lambda b: data.decode_image(b, size, self.interpolation), image_bytes,
-                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+        pixels = tf.map_fn(lambda b: data.decode_pixels(b, size, self.interpolation), image_bytes,
+                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+        images = models.feed(self.model, pixels)
         probabilities = tf.cast(self.model(images, training=False), tf.float32)
         index = tf.argmax(probabilities, axis=1, output_type=tf.int32)
         return {"probabilities": probabilities, "class_index": index,

@@ -54,7 +54,7 @@ def heatmaps(model, images: np.ndarray, class_indices=None, layer=None,
     """
     layer = layer or last_conv_layer(model)
     grad_model, dense = _grad_model(model, layer)
-    x = tf.convert_to_tensor(images, tf.float32)
+    x = tf.convert_to_tensor(images)
     with tf.GradientTape() as tape:
         features, head = grad_model(x, training=False)
         features = tf.cast(features, tf.float32)

@@ -1,9 +1,9 @@
 """One registry of models: name -> builder, plus base-weight loading (imagenet / none / file).
 
-Builders take [0, 1] images; each model scales them itself (tutorial x/255 already done by
-the pipeline, or Keras' inception [-1, 1]), so training and serving feed the same tensors.
-Keras is imported inside the builders so that config validation can read the registry
-before TensorFlow starts.
+Builders take uint8 pixels and scale them in their first layer (the tutorial's x/255, or
+Keras' inception [-1, 1]), so training, evaluation and serving feed the same tensors and the
+input pipeline never makes a float copy of an image. Keras is imported inside the builders
+so that config validation can read the registry before TensorFlow starts.
 """
 from __future__ import annotations
 
@@ -54,12 +54,34 @@ def build(model: ModelConfig, image_size: int, n_classes: int):
 
 
 def _inputs_and_scaling(model: ModelConfig, image_size: int):
+    """uint8 RGB pixels in, scaled floats out. The scaling computes in float32 even under a
+    mixed-precision policy (the next layer casts), so its result does not depend on it."""
     from trainer.keras_api import keras
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = inputs
+    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     if preprocess_mode(model) == "inception":
-        x = keras.layers.Rescaling(2.0, offset=-1.0, name="inception_scaling")(x)
-    return inputs, x
+        scaling = keras.layers.Rescaling(2 / 255, offset=-1.0, name="inception_scaling",
+                                         dtype="float32")
+    else:
+        scaling = keras.layers.Rescaling(1 / 255, name="scaling", dtype="float32")
+    return inputs, scaling(inputs)
+
+
+def feed(model, pixels):
+    """uint8 pixels as ``model`` takes them: unchanged for models that scale their own input,
+    and as [0, 1] floats for a float input (checkpoints written before models took pixels,
+    or a registered builder that does not)."""
+    import tensorflow as tf
+    from trainer import data
+    dtype = tf.as_dtype(model.inputs[0].dtype)
+    return pixels if dtype == tf.uint8 else tf.cast(data.rescale(pixels), dtype)
+
+
+def feed_dataset(model, ds):
+    """A dataset of (uint8 images, labels) as ``model`` takes it (see ``feed``)."""
+    import tensorflow as tf
+    if tf.as_dtype(model.inputs[0].dtype) == tf.uint8:
+        return ds
+    return ds.map(lambda images, labels: (feed(model, images), labels))
 
 
 def _classifier(x, n_classes: int):

@@ -1,6 +1,6 @@
 """``python -m trainer.predict --model_dir=RUN IMAGE_OR_DIR...``: class probabilities per image.
 
-Images are decoded exactly as in training (``data.decode_image``). A file that cannot be read
+Images are decoded exactly as in training (``data.decode_pixels``). A file that cannot be read
 or decoded gets one ``error:`` line on stderr and the others continue; the exit status is then
 3 (data error). Folders are searched recursively for image files.
 """
@@ -47,7 +47,7 @@ def decode_file(path: str, image_size: int, interpolation: str):
     import tensorflow as tf
     from trainer import data, storage
     try:
-        return data.decode_image(storage.read_bytes(path), image_size, interpolation).numpy()
+        return data.decode_pixels(storage.read_bytes(path), image_size, interpolation).numpy()
     except (tf.errors.OpError, OSError, ValueError) as err:
         reason = re.sub(r"\{\{.*?\}\}\s*", "", str(getattr(err, "message", err)))
         reason = reason.splitlines()[0][:160]
@@ -58,6 +58,7 @@ def predict_files(model, paths: list[str], image_size: int,
                   interpolation: str) -> tuple[list[tuple[str, list[float]]], list[str]]:
     """(path, probabilities) for each readable file, and an error line for each other one."""
     import numpy as np
+    from trainer import models
     results, errors = [], []
     for start in range(0, len(paths), CHUNK):
         good, images = [], []
@@ -68,7 +69,7 @@ def predict_files(model, paths: list[str], image_size: int,
             except DataError as err:
                 errors.append(str(err))
         if images:
-            probs = model.predict(np.stack(images), verbose=0)
+            probs = model.predict(models.feed(model, np.stack(images)), verbose=0)
             results += [(p, [float(v) for v in row]) for p, row in zip(good, probs)]
     return results, errors
 

@@ -126,11 +126,10 @@ def compile_model(model, config: Config, learning_rate: float | None = None) -> 
 
 def evaluate(model, examples: list[data.Example], config: Config) -> dict:
     """Test metrics: the compiled ones by name, the per-class report, and per source if known."""
-    batch = config.train.batch_size
-    named = model.evaluate(data.make_dataset(examples, config.data, batch, training=False),
-                           return_dict=True, verbose=0)
-    probs = model.predict(data.make_dataset(examples, config.data, batch, training=False),
-                          verbose=0)
+    test_ds = models.feed_dataset(model, data.make_dataset(examples, config.data,
+                                                           config.train.batch_size, training=False))
+    named = model.evaluate(test_ds, return_dict=True, verbose=0)
+    probs = model.predict(test_ds, verbose=0)
     labels = np.array([e.label for e in examples])
     report = metrics.per_class(labels, probs, config.data.classes)
     sources = data.read_sources(config.data.data_dir, examples)
@@ -191,10 +190,10 @@ def run(config: Config) -> dict:
     batch = config.train.batch_size * replicas  # batch_size is per replica
     logging.info("global batch %d = %d per replica x %d replicas; learning rate %g (lr_scaling=%s)",
                  batch, config.train.batch_size, replicas, learning_rate, config.runtime.lr_scaling)
-    train_ds = distribute.shard_by_data(
-        data.make_dataset(splits.train, config.data, batch, training=True))
-    val_ds = distribute.shard_by_data(
-        data.make_dataset(splits.val, config.data, batch, training=False)) if splits.val else None
+    train_ds = models.feed_dataset(model, distribute.shard_by_data(
+        data.make_dataset(splits.train, config.data, batch, training=True)))
+    val_ds = models.feed_dataset(model, distribute.shard_by_data(
+        data.make_dataset(splits.val, config.data, batch, training=False))) if splits.val else None
     monitor = "val_loss" if val_ds is not None else "loss"
     out_dir = model_dir if me.is_chief else distribute.worker_temp_dir(me)
     try:
