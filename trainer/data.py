@@ -345,7 +345,7 @@ def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, ba
     """The common tail for (uint8 image, label) elements: cache them if they fit, reshuffle
     every epoch (``shuffle_buffer``), batch, one-hot the labels. Images stay uint8: the
     models scale them on the device (models.py), which saves the CPU a float copy of every
-    batch (about 10% of a first epoch over 1024 px PNGs at 256 px, bench/decode_cost.py).
+    batch (first epoch over 1024 px PNGs at 256 px: 6% more images/s, docs/benchmarks.md).
     tf.data's autotuner is off unless data.autotune: with it, passes stalled until its next
     period (10 ms doubling; bench/decode_cost.py)."""
     if should_cache(data, n_images):
