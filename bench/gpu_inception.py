@@ -2,7 +2,7 @@
 
     python bench/gpu_inception.py [--batch_size=32] [--steps=40] [--warmup=10] [--policies=float32,mixed_bfloat16]
 
-Synthetic inputs already on the device (no input pipeline), random weights (no download):
+Synthetic uint8 pixels already on the device (no input pipeline), random weights (no download):
 it measures the training step (forward, backward, Adam update) as train.py compiles it.
 Prints one JSON line per policy, e.g. {"policy": "mixed_bfloat16", "images_per_s": ...}.
 Each policy runs in its own process so the global Keras policy and XLA caches do not leak.
@@ -14,6 +14,9 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
 
 
 def measure(policy: str, batch_size: int, steps: int, warmup: int, jit: bool) -> dict:
