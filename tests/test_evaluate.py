@@ -280,3 +280,18 @@ def test_cli_errors_are_one_line(run_dir, args, message):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_float_input_checkpoint_is_evaluated_on_unit_range_images(tiny_config):
+    """Runs saved before models took uint8 pixels: evaluate feeds their float input [0, 1]."""
+    from trainer import data, evaluate
+    from trainer.keras_api import keras
+    size = tiny_config.data.image_size
+    inputs = keras.Input((size, size, 3))
+    old = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(
+        keras.layers.Flatten()(inputs)))
+    examples = data.make_splits(tiny_config.data).test
+    probs = evaluate.predict_probabilities(old, examples, tiny_config)
+    pixels = np.stack([data.decode_image(Path(e.path).read_bytes(), size).numpy()
+                       for e in examples])
+    np.testing.assert_allclose(probs, old.predict(pixels, verbose=0), rtol=1e-5, atol=1e-6)
