@@ -80,8 +80,7 @@ def positive_class(classes: list[str]) -> int:
 
 
 def predict_probabilities(model, examples, config: Config):
-    from trainer import data
-    from trainer import models
+    from trainer import data, models
     ds = data.make_dataset(examples, config.data, config.train.batch_size, training=False)
     return model.predict(models.feed_dataset(model, ds), verbose=0)
 

@@ -72,16 +72,22 @@ def feed(model, pixels):
     or a registered builder that does not)."""
     import tensorflow as tf
     from trainer import data
-    dtype = tf.as_dtype(model.inputs[0].dtype)
-    return pixels if dtype == tf.uint8 else tf.cast(data.rescale(pixels), dtype)
+    if takes_pixels(model):
+        return pixels
+    return tf.cast(data.rescale(pixels), model.inputs[0].dtype)
 
 
 def feed_dataset(model, ds):
     """A dataset of (uint8 images, labels) as ``model`` takes it (see ``feed``)."""
-    import tensorflow as tf
-    if tf.as_dtype(model.inputs[0].dtype) == tf.uint8:
+    if takes_pixels(model):
         return ds
     return ds.map(lambda images, labels: (feed(model, images), labels))
+
+
+def takes_pixels(model) -> bool:
+    """Whether the model's input is uint8 (it scales its own input, as built here)."""
+    import tensorflow as tf
+    return tf.as_dtype(model.inputs[0].dtype) == tf.uint8
 
 
 def _classifier(x, n_classes: int):
