@@ -48,3 +48,11 @@ def train_tiny_run(root: Path, images_per_class: int, image_size: int, test_per_
         "batch_size": 16, "epochs": epochs, "model_dir": str(root / "run")})
     train.run(config)
     return root / "run"
+
+
+def float_input_model(image_size: int, n_classes: int = 3):
+    """A small model with a float [0, 1] input, as saved before models took uint8 pixels."""
+    from trainer.keras_api import keras
+    inputs = keras.Input((image_size, image_size, 3))
+    return keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax")(
+        keras.layers.Flatten()(inputs)))

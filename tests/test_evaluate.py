@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from conftest import train_tiny_run
+from conftest import float_input_model, train_tiny_run
 from trainer import metrics
 
 CLASSES = ["COVID-19", "NORMAL", "Viral Pneumonia"]
@@ -285,11 +285,8 @@ def test_cli_errors_are_one_line(run_dir, args, message):
 def test_a_float_input_checkpoint_is_evaluated_on_unit_range_images(tiny_config):
     """Runs saved before models took uint8 pixels: evaluate feeds their float input [0, 1]."""
     from trainer import data, evaluate
-    from trainer.keras_api import keras
     size = tiny_config.data.image_size
-    inputs = keras.Input((size, size, 3))
-    old = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(
-        keras.layers.Flatten()(inputs)))
+    old = float_input_model(size)
     examples = data.make_splits(tiny_config.data).test
     probs = evaluate.predict_probabilities(old, examples, tiny_config)
     pixels = np.stack([data.decode_image(Path(e.path).read_bytes(), size).numpy()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import float_input_model
 from trainer import checkpoints, config as config_lib, models, predict
 from trainer.errors import ConfigError
 
@@ -114,10 +115,7 @@ def test_cli_reports_bad_files_and_continues(run_dir, files):
 def test_a_float_input_checkpoint_still_gets_unit_range_images(files, tmp_path):
     """Checkpoints written before models took uint8 pixels are fed [0, 1] floats, as then."""
     from trainer import data
-    from trainer.keras_api import keras
-    inputs = keras.Input((16, 16, 3))
-    old = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(
-        keras.layers.Flatten()(inputs)))
+    old = float_input_model(16)
     results, errors = predict.predict_files(old, [files["png"]], 16, "bilinear")
     expected = old.predict(data.decode_image(Path(files["png"]).read_bytes(), 16)[None], verbose=0)
     assert not errors
