@@ -7,6 +7,36 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# What the trainer imports sets variables of its own (tf-keras, sklearn's KMP_*): imported
+# here, they belong to the baseline below.
+import trainer.train  # noqa: E402,F401
+
+OWN_VARIABLES = {"PYTEST_CURRENT_TEST"}  # pytest sets it for each test
+
+
+def _environment() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in OWN_VARIABLES}
+
+
+@pytest.fixture(scope="session")
+def _baseline_environment() -> dict:
+    return _environment()
+
+
+@pytest.fixture(autouse=True)
+def _environment_unchanged(_baseline_environment):
+    """Fails a test after which os.environ differs from the session's start (a fixture of any
+    scope that set a variable for good would leak it into every later test and its children);
+    monkeypatch's changes are undone before this runs."""
+    yield
+    now = _environment()
+    if now != _baseline_environment:
+        changed = sorted(k for k in now.keys() | _baseline_environment.keys()
+                         if now.get(k) != _baseline_environment.get(k))
+        os.environ.clear()
+        os.environ.update(_baseline_environment)
+        pytest.fail(f"os.environ changed and was restored: {', '.join(changed)}; use "
+                    "monkeypatch or pass env= to child processes")
 
 CXR3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3"
 

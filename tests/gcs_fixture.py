@@ -1,7 +1,9 @@
 """A Google Cloud Storage stand-in on loopback for the gs:// tests; no internet, no account.
 
 Use it as a pytest plugin (``pytest_plugins = ["tests.gcs_fixture"]``) and ask for the
-session fixture ``gcs``. It starts:
+fixture ``gcs``: for one test it routes this process's gs:// traffic to a loopback bucket that
+the session starts once (``gcs_server``); subprocesses get ``gcs.child_env()``. No setting
+outlives the test that asked for it. The session starts:
 
 - ``gcp-storage-emulator --in-memory`` in a subprocess (the JSON and XML APIs, one bucket);
 - a small asyncio proxy in a second subprocess, which every client reaches:
@@ -457,11 +459,15 @@ def start_emulator(port: int, bucket: str, log: Path) -> subprocess.Popen:
 # --------------------------------------------------------------------------- the fixture
 
 
+# Variables a gs:// client must not see while it talks to the loopback bucket.
+UNSET = ("GOOGLE_APPLICATION_CREDENTIALS", "http_proxy", "HTTP_PROXY")
+
+
 @dataclasses.dataclass
 class FakeGcs:
     bucket: str
     proxy: ProxyControl
-    env: dict  # the variables a subprocess needs (already set in os.environ)
+    env: dict  # the variables that route gs:// traffic to the loopback bucket
 
     def url(self, *parts: str) -> str:
         """gs://BUCKET/<a fresh prefix>/parts... so tests never see each other's objects."""
@@ -480,11 +486,23 @@ class FakeGcs:
         prefix = prefix.rstrip("/") + "/"
         return sorted(b.name[len(prefix):] for b in self.client().list_blobs(bucket, prefix=prefix))
 
+    def route(self, patch: pytest.MonkeyPatch) -> None:
+        """Sends this process's gs:// traffic to the loopback bucket until ``patch`` undoes it."""
+        for name in UNSET:
+            patch.delenv(name, raising=False)
+        for name, value in self.env.items():
+            patch.setenv(name, value)
+
+    def child_env(self, **extra: str) -> dict:
+        """The environment for a subprocess that talks to the loopback bucket."""
+        env = {k: v for k, v in os.environ.items() if k not in UNSET}
+        return {**env, **self.env, **extra}
+
 
 @pytest.fixture(scope="session")
-def gcs():
-    """A loopback GCS (emulator + proxy) for the whole session; gs:// works in this process
-    and, through ``gcs.env``, in subprocesses."""
+def gcs_server():
+    """The loopback GCS (emulator + proxy), started once; it changes no environment variable:
+    tests take ``gcs`` (this process) or ``gcs.child_env()`` (subprocesses)."""
     pytest.importorskip("cryptography")
     pytest.importorskip("gcp_storage_emulator")
     pytest.importorskip("google.cloud.storage")
@@ -493,7 +511,6 @@ def gcs():
     port = _free_port()
     emulator = start_emulator(port, BUCKET, folder / "emulator.log")
     proxy_proc, proxy_port = start_proxy(port, cert, key, folder / "proxy.log")
-    proxy = ProxyControl(proxy_port)
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     env = {
         "https_proxy": proxy_url, "HTTPS_PROXY": proxy_url,
@@ -504,13 +521,8 @@ def gcs():
         "STORAGE_EMULATOR_HOST": proxy_url,  # google-cloud-storage: anonymous, via the proxy
         "GCS_RETRY_CONFIG_INIT_DELAY_TIME_US": "10000",  # fast retries of injected faults
     }
-    saved = {k: os.environ.get(k) for k in env}
-    for k in ("GOOGLE_APPLICATION_CREDENTIALS", "http_proxy", "HTTP_PROXY"):
-        saved.setdefault(k, os.environ.get(k))
-        os.environ.pop(k, None)
-    os.environ.update(env)
     try:
-        yield FakeGcs(BUCKET, proxy, env)
+        yield FakeGcs(BUCKET, ProxyControl(proxy_port), env)
     finally:
         for proc in (proxy_proc, emulator):
             proc.terminate()
@@ -518,12 +530,14 @@ def gcs():
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+    """The loopback GCS with this process's gs:// traffic routed to it for one test only."""
+    gcs_server.route(monkeypatch)
+    return gcs_server
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--proxy"]:

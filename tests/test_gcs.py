@@ -40,12 +40,14 @@ def test_tensorflow_gs_io_goes_through_the_proxy(gcs):
 
 
 @pytest.fixture(scope="module")
-def gs_data(gcs, tmp_path_factory) -> str:
+def gs_data(gcs_server, tmp_path_factory) -> str:
     from trainer import demo_data
     local = tmp_path_factory.mktemp("demo") / "data"
     demo_data.generate(local, images_per_class=20, seed=3)
-    url = gcs.fresh("data")
-    assert storage.copy_tree(str(local), url) >= 60  # the images (and a README)
+    url = gcs_server.fresh("data")
+    with pytest.MonkeyPatch.context() as patch:
+        gcs_server.route(patch)
+        assert storage.copy_tree(str(local), url) >= 60  # the images (and a README)
     return url
 
 
@@ -58,19 +60,25 @@ def _history(gcs, url: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(blob.download_as_text())))
 
 
-def _task(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+def _task(gcs, args: list[str]) -> subprocess.Popen:
+    env = gcs.child_env(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.Popen([sys.executable, "-m", "trainer.task", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="module")
-def gs_run(gcs, gs_data) -> dict:
+def gs_run(gcs_server, gs_data) -> dict:
     """A run with data and model_dir in the bucket, SIGKILLed after two epochs, then resumed."""
+    with pytest.MonkeyPatch.context() as patch:
+        gcs_server.route(patch)  # for _history's client in this process
+        return _killed_and_resumed_run(gcs_server, gs_data)
+
+
+def _killed_and_resumed_run(gcs, gs_data: str) -> dict:
     url = gcs.fresh("run")
     args = ["--model=vanilla", f"--data_dir={gs_data}", f"--model_dir={url}", "--image_size=16",
             "--test_per_class=4", "--batch_size=8", f"--epochs={EPOCHS}", "--patience=100"]
-    first = _task(args)
+    first = _task(gcs, args)
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None and len(_history(gcs, url)) < 2:
         time.sleep(0.5)
@@ -78,7 +86,7 @@ def gs_run(gcs, gs_data) -> dict:
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed = {"epochs_done": len(_history(gcs, url)), "objects": gcs.blob_names(url)}
-    second = _task(args)
+    second = _task(gcs, args)
     out, _ = second.communicate(timeout=600)
     return {"url": url, "args": args, "killed": killed, "returncode": second.returncode,
             "out": out}
@@ -104,7 +112,7 @@ def test_gs_run_has_the_artifacts_of_a_local_run(gcs, gs_run):
     assert not any(n.endswith((".tmp", ".partial")) for n in names)
 
 
-def test_gs_run_checkpoint_reproduces_its_metrics(gs_run):
+def test_gs_run_checkpoint_reproduces_its_metrics(gcs, gs_run):
     url = gs_run["url"]
     config = config_lib.from_yaml_text(storage.read_text(f"{url}/config.yaml"), "config.yaml")
     saved = json.loads(storage.read_text(f"{url}/metrics.json"))
@@ -115,7 +123,7 @@ def test_gs_run_checkpoint_reproduces_its_metrics(gs_run):
     assert again["confusion_matrix"] == saved["confusion_matrix"]
 
 
-def test_evaluate_command_reads_a_gs_run(gs_run):
+def test_evaluate_command_reads_a_gs_run(gcs, gs_run):
     from trainer import evaluate
     url = gs_run["url"]
     saved = json.loads(storage.read_text(f"{url}/metrics.json"))

@@ -84,7 +84,7 @@ def test_cli_refusal_is_one_line_with_status_2(gcs, bucket_run, tmp_path):
     (dest / "metrics.json").write_text("{}")
     proc = subprocess.run([sys.executable, "-m", "trainer.pull", bucket_run, str(dest)],
                           capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                          env=gcs.child_env(TF_CPP_MIN_LOG_LEVEL="3"))
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--force" in errors[0] and "Traceback" not in proc.stderr
