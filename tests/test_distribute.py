@@ -6,6 +6,7 @@ before TensorFlow initialises, which the pytest process may already have done.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -177,25 +178,10 @@ sys.argv = ["trainer.task"] + sys.argv[1:]
 task.run()
 """
 
-# Evaluates one checkpoint on the test split with one device and with two replicas.
-EVAL_SCRIPT = TWO_CPUS + """
-import json, sys
-from trainer import checkpoints, config as config_lib, data, distribute
-config = config_lib.from_yaml_text(open(sys.argv[1] + "/config.yaml").read(), "config.yaml")
-test = data.make_splits(config.data).test
-out = {}
-for name in ("one_device", "mirrored"):
-    strategy = distribute.make_strategy(name, {})
-    with strategy.scope():
-        model = checkpoints.load(sys.argv[1] + "/checkpoints/best.keras")
-    ds = distribute.shard_by_data(data.make_dataset(test, config.data, 5, training=False))
-    out[name] = {"replicas": strategy.num_replicas_in_sync,
-                 **model.evaluate(ds, return_dict=True, verbose=0)}
-print("RESULT " + json.dumps(out))
-"""
-
+# 30 images per class: 6 test, 8 validation and 16 training images each, so that the 48
+# training images are whole global batches of 16 (with two replicas a short one is dropped).
 SMALL_RUN = ["--model=vanilla", "--image_size=16", "--test_per_class=6", "--epochs=12",
-             "--patience=10", "--seed=3"]
+             "--patience=10", "--seed=3", "--validation_split=0.3333"]
 # Tolerance for two training runs that differ only in how the global batch is split: the
 # gradients match up to float summation order, the dropout masks do not (they are drawn per
 # replica), so a few of the 18 test images may change class. Twelve epochs take the model past
@@ -242,13 +228,96 @@ def test_mirrored_matches_one_device_from_the_same_initial_weights(mirrored_runs
                                                             abs=tolerance), (metric, results)
 
 
-def test_two_replicas_count_test_metrics_once(mirrored_runs):
-    """The same weights give the same metrics with one device and two replicas (the counts
-    are summed across replicas, not double-counted or halved)."""
-    done = _python(EVAL_SCRIPT, str(mirrored_runs["one_device"][0]))
-    result = json.loads(done.stdout.split("RESULT ", 1)[1])
-    one, two = result["one_device"], result["mirrored"]
-    assert (one.pop("replicas"), two.pop("replicas")) == (1, 2)
-    assert one["tp"] + one["fn"] == 18  # every test image counted once
-    for name in one:
-        assert two[name] == pytest.approx(one[name], abs=1e-5), (name, one, two)
+def test_two_replicas_validate_every_image_once(mirrored_runs):
+    """The two-replica run validates on one device: the figures it recorded for its best
+    epoch are those of its best checkpoint evaluated here on the whole validation split."""
+    from trainer import checkpoints, data
+    path = mirrored_runs["mirrored"][0]
+    config = config_lib.from_yaml_text((path / "config.yaml").read_text(), "config.yaml")
+    best_epoch = json.loads((path / "checkpoints" / "best.json").read_text())["epoch"]
+    with open(path / "history.csv") as f:
+        recorded = list(csv.DictReader(f))[best_epoch - 1]
+    model = checkpoints.load(str(path / "checkpoints" / "best.keras"))
+    val = data.make_splits(config.data).val
+    again = model.evaluate(models.feed_dataset(model, data.make_dataset(
+        val, config.data, 8, training=False)), return_dict=True, verbose=0)
+    assert float(recorded["val_tp"]) + float(recorded["val_fn"]) == len(val) == 24
+    for name in ("loss", "accuracy", "tp", "fp", "auc"):
+        assert float(recorded[f"val_{name}"]) == pytest.approx(again[name], abs=1e-5), name
+
+
+# --- No replica is ever handed an empty batch (oneDNN's CPU kernels fail on one) -------------
+
+# Builds what fit reads, exactly as train.run does, with MirroredStrategy over N logical CPUs:
+# it splits each global batch across replicas as MultiWorkerMirroredStrategy splits it across
+# workers. Image i is a flat grey of value 10 * i, so a batch says which images it holds.
+WHOLE_BATCHES_SCRIPT = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import tensorflow as tf
+replicas, root = int(sys.argv[1]), Path(sys.argv[2])
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+from PIL import Image
+from trainer import config as config_lib, data, distribute, models, train
+from trainer.errors import DataError
+classes = ["COVID-19", "NORMAL", "Viral Pneumonia"]
+examples = []
+for i in range(17):
+    path = root / f"{i:02d}.png"
+    Image.fromarray(np.full((16, 16), 10 * i, np.uint8)).save(path)
+    examples.append(data.Example(str(path), path.name, i % 3))
+config = config_lib.load("vanilla", overrides={"image_size": 16, "batch_size": 2})
+strategy = distribute.make_strategy("mirrored", {})
+with strategy.scope():
+    model = models.build(config.model, 16, 3)
+    train.compile_model(model, config)
+
+def batches(ds, distributed):
+    ds = strategy.experimental_distribute_dataset(ds) if distributed else ds
+    out = []
+    for images, _ in ds:
+        parts = strategy.experimental_local_results(images) if distributed else [images]
+        out.append([sorted(int(v) // 10 for v in part[:, 0, 0, 0].numpy()) for part in parts])
+    return out
+
+results = {}
+for n in (1, 7, 9, 17):
+    splits = data.Splits(classes, examples[:n], examples[:n], [])
+    try:
+        train_ds, val_ds, validation = train.fit_inputs(model, splits, config, strategy,
+                                                        distribute.Role())
+    except DataError as err:
+        results[n] = {"refused": str(err)}
+        continue
+    result = {"train": batches(train_ds, True)}
+    if val_ds is not None:  # validated in fit, split across replicas
+        result["val_in_fit"] = batches(val_ds, True)
+    if validation is not None:
+        result["val_one_device"] = batches(validation.dataset, False)
+        history = model.fit(train_ds, epochs=1, callbacks=[validation], verbose=0).history
+        result["val_counted"] = history["val_tp"][0] + history["val_fn"][0]
+    results[n] = result
+print("RESULT " + json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_no_replica_ever_gets_an_empty_batch(replicas, tmp_path):
+    done = _python(WHOLE_BATCHES_SCRIPT, str(replicas), str(tmp_path))
+    results = {int(n): r for n, r in json.loads(done.stdout.split("RESULT ", 1)[1]).items()}
+    global_batch = 2 * replicas
+    for n, result in results.items():
+        if n < global_batch:  # not one whole step: said plainly, before any training
+            assert "fewer than one global batch" in result["refused"], (n, result)
+            assert "--batch_size" in result["refused"]
+            continue
+        steps = result["train"]
+        assert all(len(step) == replicas and all(step) for step in steps), (n, steps)
+        seen = [i for step in steps for part in step for i in part]
+        assert len(seen) == len(set(seen)) == n // global_batch * global_batch, (n, steps)
+        assert "val_in_fit" not in result, (n, result)  # never split across replicas
+        one_device = [i for (part,) in result["val_one_device"] for i in part]
+        assert sorted(one_device) == list(range(n)), (n, result["val_one_device"])
+        assert result["val_counted"] == n  # the validation figures count each image once

@@ -118,6 +118,11 @@ def test_two_workers_train_and_the_chief_writes_the_run(tmp_path, data_dir):
     assert "replicas: 2" in chief and "global batch 8 = 4 per replica x 2 replicas" in chief
     assert "this is worker 0 (chief)" in chief and "this is worker 1 (non-chief)" in worker
     assert "Test metrics" in chief and "Test metrics" not in worker
+    # 9 validation images on one device of the chief, its figures shared with the worker.
+    with open(cluster.model_dir / "history.csv") as f:
+        assert all(float(r["val_tp"]) + float(r["val_fn"]) == 9 for r in csv.DictReader(f))
+    val_losses = [re.findall(r"Epoch \d+/2 .*val_loss: ([0-9.]+)", log) for log in (chief, worker)]
+    assert len(val_losses[0]) == 2 and val_losses[0] == val_losses[1], val_losses
 
 
 def _saved_epoch(model_dir: Path) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from trainer import checkpoints, config as config_lib, data, train
 from trainer.errors import RunDirError
@@ -154,3 +156,38 @@ def test_cli_data_error_exits_3(tmp_path):
     assert proc.returncode == 3, out
     assert "Traceback" not in out and "error: " in out and "no folder for class 'NORMAL'" in out
     assert not (tmp_path / "run").exists()
+
+
+# (overrides, what the log must say about the stop)
+STOPS = [
+    ({"epochs": 2, "patience": 100}, r"trained the 2 epochs asked for \(--epochs\)"),
+    # min_delta=10: no epoch after the first improves enough, so patience 1 stops at epoch 2.
+    ({"epochs": 50, "patience": 1, "min_delta": 10.0},
+     r"early stopping at epoch 2: val_loss did not improve by more than 10 for 1 epochs "
+     r"\(--patience\)"),
+]
+
+
+@pytest.mark.parametrize("overrides, stop", STOPS)
+def test_the_log_says_each_epoch_briefly_why_training_stopped_and_what_is_kept(
+        tiny_config, caplog, overrides, stop):
+    for key, value in overrides.items():
+        setattr(tiny_config.train, key, value)
+    verbosity = absl_logging.get_verbosity()  # as the entry points set it (a SavedModel
+    absl_logging.set_verbosity(absl_logging.INFO)  # export resets it to its value before)
+    try:
+        with caplog.at_level("INFO"):
+            train.run(tiny_config)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    lines = [r.getMessage() for r in caplog.records]
+    epochs = [line for line in lines if line.startswith("Epoch ")]
+    assert len(epochs) == 2, epochs
+    for line in epochs:  # loss, accuracy and AUC of training and validation, nothing more
+        assert re.fullmatch(r"Epoch \d/\d+ - \d+s - loss: [0-9.]+ - accuracy: [0-9.]+ - auc: "
+                            r"[0-9.]+ - val_loss: [0-9.]+ - val_accuracy: [0-9.]+ - val_auc: "
+                            r"[0-9.]+", line), line
+    assert any(re.fullmatch(stop, line) for line in lines), lines
+    best = json.loads((Path(tiny_config.output.model_dir) / "checkpoints" / "best.json").read_text())
+    assert f"keeping checkpoints/best.keras from epoch {best['epoch']} (lowest val_loss: " \
+           f"{best['value']:.4f})" in lines

@@ -1,5 +1,6 @@
 """Training callbacks the stock Keras ones do not cover: atomic best/last checkpoints that
-survive a resume, a history CSV that works on gs://, and a NaN stop that says where."""
+survive a resume, a history CSV that works on gs://, a NaN stop that says where, validation
+on one device for multi-replica runs, and a short console line per epoch."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,11 @@ import json
 import math
 import signal
 import threading
+import time
 
-from trainer import checkpoints, storage
+from absl import logging
+
+from trainer import checkpoints, distribute, storage
 from trainer.keras_api import keras
 
 
@@ -139,3 +143,52 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
         else:  # keep the backup for the restart
             del self._training_state
             del self.model._training_state
+
+
+class OneDeviceValidation(keras.callbacks.Callback):
+    """Validates on one device of the chief and gives every worker the figures as ``val_*``.
+
+    Keras would split each validation batch across the replicas, and a short last batch leaves
+    some replica none: oneDNN's CPU kernels fail on a batch of zero images. On one device
+    every image is counted once, in whole batches. ``copy`` is a compiled model built outside
+    the strategy that takes the trained weights each epoch (None on the other workers). Put
+    it first, so that the callbacks after it see the validation figures.
+    """
+
+    def __init__(self, copy, dataset, strategy, me: distribute.Role):
+        super().__init__()
+        self.copy, self.dataset, self.strategy, self.me = copy, dataset, strategy, me
+
+    def on_epoch_end(self, epoch, logs=None):
+        names = self.model.metrics_names
+        values = [0.0] * len(names)
+        if self.copy is not None:
+            self.copy.set_weights(self.model.get_weights())
+            scores = distribute.outside_strategy(
+                lambda: self.copy.evaluate(self.dataset, return_dict=True, verbose=0))
+            values = [float(scores[name]) for name in names]
+        values = distribute.share_from_chief(self.strategy, self.me, values)
+        if logs is not None:
+            logs.update({f"val_{name}": value for name, value in zip(names, values)})
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One short line per epoch: loss, accuracy and AUC of training and validation (every
+    metric stays in history.csv and TensorBoard)."""
+
+    SHOWN = ("loss", "accuracy", "auc")
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.started = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        shown = [f"{key}: {float(logs[key]):.4f}" for prefix in ("", "val_")
+                 for key in (prefix + name for name in self.SHOWN) if key in logs]
+        logging.info("Epoch %d/%d - %.0fs - %s", epoch + 1, self.epochs,
+                     time.monotonic() - self.started, " - ".join(shown))

@@ -323,10 +323,12 @@ def _images_in_budget(data: DataConfig) -> int:
 
 
 def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
-                 training: bool) -> tf.data.Dataset:
-    """Decoded, resized, batched uint8 images, one-hot labels; shuffled every epoch if training."""
+                 training: bool, whole_batches: bool = False) -> tf.data.Dataset:
+    """Decoded, resized, batched uint8 images, one-hot labels; shuffled every epoch if training.
+
+    ``whole_batches`` drops a short last batch (see ``cache_shuffle_batch``)."""
     if examples and examples[0].shard:
-        return make_shard_dataset(examples, data, batch_size, training)
+        return make_shard_dataset(examples, data, batch_size, training, whole_batches)
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples], dtype=np.int32)
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
@@ -337,24 +339,27 @@ def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
     ds = ds.map(lambda p, y: (decode_pixels(tf.io.read_file(p), data.image_size,
                                             data.interpolation, jpeg_shrink), y),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    return cache_shuffle_batch(ds, data, len(examples), batch_size, training and not stream)
+    return cache_shuffle_batch(ds, data, len(examples), batch_size, training and not stream,
+                               whole_batches)
 
 
 def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, batch_size: int,
-                        shuffle: bool) -> tf.data.Dataset:
+                        shuffle: bool, whole_batches: bool = False) -> tf.data.Dataset:
     """The common tail for (uint8 image, label) elements: cache them if they fit, reshuffle
     every epoch (``shuffle_buffer``), batch, one-hot the labels. Images stay uint8: the
     models scale them on the device (models.py), which saves the CPU a float copy of every
     batch (first epoch over 1024 px PNGs at 256 px: 6% more images/s, docs/benchmarks.md).
     tf.data's autotuner is off unless data.autotune: with it, passes stalled until its next
-    period (10 ms doubling; bench/decode_cost.py)."""
+    period (10 ms doubling; bench/decode_cost.py). ``whole_batches`` drops a short last batch:
+    split across replicas, it could leave one with no image (after a reshuffle each epoch
+    leaves out other images)."""
     if should_cache(data, n_images):
         ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(shuffle_buffer(data, n_images), seed=data.seed,
                         reshuffle_each_iteration=True)
     n_classes = len(data.classes)
-    ds = ds.batch(batch_size).map(lambda images, labels: (images, tf.one_hot(labels, n_classes)),
+    ds = ds.batch(batch_size, drop_remainder=whole_batches).map(lambda images, labels: (images, tf.one_hot(labels, n_classes)),
                                   num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.autotune.enabled = data.autotune
@@ -445,7 +450,7 @@ def parse_record(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor
 
 
 def make_shard_dataset(examples: list[Example], data: DataConfig, batch_size: int,
-                       training: bool) -> tf.data.Dataset:
+                       training: bool, whole_batches: bool = False) -> tf.data.Dataset:
     """Like make_dataset, from the shards that hold ``examples`` (records of other images in
     those shards, e.g. another worker's share, are skipped). Training reads the shards
     interleaved in a shuffled order; evaluation reads them in order, so predictions line up
@@ -466,4 +471,4 @@ def make_shard_dataset(examples: list[Example], data: DataConfig, batch_size: in
     ds = ds.map(lambda image, label, key: (
         decode_pixels(image, data.image_size, data.interpolation), label),
         num_parallel_calls=tf.data.AUTOTUNE)
-    return cache_shuffle_batch(ds, data, len(examples), batch_size, training)
+    return cache_shuffle_batch(ds, data, len(examples), batch_size, training, whole_batches)

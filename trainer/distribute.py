@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from typing import Mapping, MutableMapping
 
 from absl import logging
@@ -189,6 +190,43 @@ def barrier(strategy, me: Role) -> None:
         return
     ones = strategy.run(tf.function(lambda: tf.constant(1.0)))
     strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+
+
+def share_from_chief(strategy, me: Role, values: list[float]) -> list[float]:
+    """The chief's ``values`` on every worker: an all-reduce to which only the first replica
+    (on the chief) adds anything. On one worker, ``values`` as they are."""
+    import tensorflow as tf
+    if me.num_workers <= 1:
+        return list(values)
+    mine = tf.constant(values if me.is_chief else [0.0] * len(values), tf.float32)
+
+    def contribution():
+        first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+        return tf.where(first, mine, tf.zeros_like(mine))
+
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.function(contribution)),
+                            axis=None)
+    return [float(v) for v in total.numpy()]
+
+
+def outside_strategy(fn):
+    """``fn()`` in a thread of its own, where no tf.distribute scope is open (scopes are per
+    thread): Keras keeps the strategy's scope open while fit runs its callbacks, and a model
+    built outside it must not be run under it."""
+    result, failure = [], []
+
+    def call():
+        try:
+            result.append(fn())
+        except BaseException as err:  # re-raised in the caller's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=call, name="outside-strategy")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 def worker_temp_dir(me: Role) -> str:

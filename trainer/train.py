@@ -13,7 +13,7 @@ from absl import logging
 from trainer import callbacks, checkpoints, config as config_lib, data, datacheck, distribute, \
     export, metrics, models, storage
 from trainer.config import Config
-from trainer.errors import Preempted, RunDirError, TrainerError
+from trainer.errors import DataError, Preempted, RunDirError, TrainerError
 from trainer.keras_api import keras
 
 RUN_ARTIFACTS = ("config.yaml", "checkpoints", "backup", "logs", "history.csv",
@@ -91,14 +91,18 @@ def backup_freq(config: Config) -> str | int:
     return freq if freq == "epoch" else int(freq)
 
 
-def build_callbacks(config: Config, monitor: str,
-                    out_dir: str | None = None) -> tuple[list, callbacks.StopOnNaN]:
+def build_callbacks(config: Config, monitor: str, out_dir: str | None = None,
+                    validation: callbacks.OneDeviceValidation | None = None
+                    ) -> tuple[list, callbacks.StopOnNaN]:
     """The training callbacks; checkpoints, history and logs go to ``out_dir`` (model_dir on
-    the chief, a temporary folder on other workers), the shared backup to model_dir/backup."""
+    the chief, a temporary folder on other workers), the shared backup to model_dir/backup.
+    ``validation`` comes first, so that every callback after it sees its figures."""
     model_dir = config.output.model_dir
     out_dir = out_dir or model_dir
     nan_guard = callbacks.StopOnNaN()
     return [
+        *([validation] if validation else []),
+        callbacks.EpochLog(config.train.epochs),
         nan_guard,
         keras.callbacks.EarlyStopping(monitor=monitor, patience=config.train.patience,
                                       min_delta=config.train.min_delta, mode="min"),
@@ -122,6 +126,46 @@ def compile_model(model, config: Config, learning_rate: float | None = None) -> 
     model.compile(optimizer=keras.optimizers.Adam(rate),
                   loss="categorical_crossentropy", metrics=metrics.compiled_metrics(),
                   jit_compile=config.runtime.jit_compile)
+
+
+def one_device_copy(model, config: Config):
+    """A compiled copy of ``model`` with its weights, built outside any strategy (call it
+    outside a strategy's scope), for evaluation on one device."""
+    copy = keras.models.clone_model(model)
+    compile_model(copy, config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def fit_inputs(model, splits: data.Splits, config: Config, strategy, me: distribute.Role):
+    """What fit reads: (training batches, validation batches, validation callback).
+
+    With several replicas no replica may get an empty batch (oneDNN's CPU kernels fail on
+    one), so every training batch is whole (a short last batch is dropped; the reshuffle
+    leaves out other images each epoch) and validation runs on one device of the chief
+    (``callbacks.OneDeviceValidation``, every image once) instead of in fit.
+    """
+    replicas = strategy.num_replicas_in_sync
+    several = replicas > 1
+    batch = config.train.batch_size * replicas  # batch_size is per replica
+    if several and len(splits.train) < batch:
+        raise DataError(f"the training split holds {len(splits.train)} images, fewer than one "
+                        f"global batch of {batch} ({config.train.batch_size} per replica x "
+                        f"{replicas} replicas), and every replica needs a whole batch at each "
+                        "step; lower --batch_size or add images")
+    train_ds = models.feed_dataset(model, distribute.shard_by_data(data.make_dataset(
+        splits.train, config.data, batch, training=True, whole_batches=several)))
+    if not splits.val:
+        return train_ds, None, None
+    if not several:
+        return train_ds, models.feed_dataset(model, data.make_dataset(
+            splits.val, config.data, batch, training=False)), None
+    if not me.is_chief:  # it receives the chief's figures
+        return train_ds, None, callbacks.OneDeviceValidation(None, None, strategy, me)
+    copy = one_device_copy(model, config)
+    val_ds = models.feed_dataset(copy, data.make_dataset(
+        splits.val, config.data, config.train.batch_size, training=False))
+    return train_ds, None, callbacks.OneDeviceValidation(copy, val_ds, strategy, me)
 
 
 def evaluate(model, examples: list[data.Example], config: Config) -> dict:
@@ -150,12 +194,27 @@ def log_data_summary(splits: data.Splits, weights: dict | None) -> None:
                      {c: round(w, 3) for c, w in zip(splits.classes, weights.values())})
 
 
+def log_stop(cbs: list, config: Config, monitor: str) -> None:
+    """Why training stopped, and which epoch the best checkpoint holds."""
+    stopper = next(cb for cb in cbs if isinstance(cb, keras.callbacks.EarlyStopping))
+    kept = next(cb for cb in cbs if isinstance(cb, callbacks.BestAndLastCheckpoint))
+    if stopper.stopped_epoch:
+        logging.info("early stopping at epoch %d: %s did not improve by more than %g for %d "
+                     "epochs (--patience)", stopper.stopped_epoch + 1, monitor,
+                     config.train.min_delta, config.train.patience)
+    else:
+        logging.info("trained the %d epochs asked for (--epochs)", config.train.epochs)
+    if kept.best_epoch is not None:
+        logging.info("keeping checkpoints/best.keras from epoch %d (lowest %s: %.4f)",
+                     kept.best_epoch, monitor, kept.best)
+
+
 def fit(model, train_ds, val_ds, config: Config, weights: dict | None, cbs: list,
         me: distribute.Role):
     """model.fit; a lost peer worker ends the run as preempted (exit 75): a restart resumes."""
     try:
         return model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs,
-                         class_weight=weights, callbacks=cbs, verbose=2)
+                         class_weight=weights, callbacks=cbs, verbose=0)
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as err:
         if me.num_workers <= 1:
             raise
@@ -190,14 +249,11 @@ def run(config: Config) -> dict:
     batch = config.train.batch_size * replicas  # batch_size is per replica
     logging.info("global batch %d = %d per replica x %d replicas; learning rate %g (lr_scaling=%s)",
                  batch, config.train.batch_size, replicas, learning_rate, config.runtime.lr_scaling)
-    train_ds = models.feed_dataset(model, distribute.shard_by_data(
-        data.make_dataset(splits.train, config.data, batch, training=True)))
-    val_ds = models.feed_dataset(model, distribute.shard_by_data(
-        data.make_dataset(splits.val, config.data, batch, training=False))) if splits.val else None
-    monitor = "val_loss" if val_ds is not None else "loss"
+    train_ds, val_ds, validation = fit_inputs(model, splits, config, strategy, me)
+    monitor = "val_loss" if splits.val else "loss"
     out_dir = model_dir if me.is_chief else distribute.worker_temp_dir(me)
     try:
-        cbs, nan_guard = build_callbacks(config, monitor, out_dir)
+        cbs, nan_guard = build_callbacks(config, monitor, out_dir, validation)
         logging.info("training %s on %d images (%s), up to %d epochs%s",
                      config.model.architecture, len(splits.train), out_dir, config.train.epochs,
                      " (resuming)" if resuming else "")
@@ -216,13 +272,15 @@ def run(config: Config) -> dict:
                            f"step {step}; the last good checkpoints are in "
                            f"{storage.join(model_dir, 'checkpoints')}. Lower --learning_rate.")
 
+    log_stop(cbs, config, monitor)
     distribute.barrier(strategy, me)  # every worker has written its last backup
     if not me.is_chief:
         logging.info("training complete; the chief writes the results to %s", model_dir)
         return {}
     storage.remove_tree(storage.join(model_dir, "backup"))  # training completed: nothing to resume
     best_path = storage.join(model_dir, "checkpoints", "best.keras")
-    best = checkpoints.load(best_path) if storage.exists(best_path) else model
+    best = checkpoints.load(best_path) if storage.exists(best_path) else \
+        one_device_copy(model, config)  # the chief alone: not under the strategy
     results = evaluate(best, splits.test, config)
     results.update(
         model_dir=model_dir, checkpoint="checkpoints/best.keras", counts=splits.counts(),
