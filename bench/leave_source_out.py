@@ -1,0 +1,122 @@
+"""Leave-one-source-out study: how recipes do on a hospital/source they never trained on.
+
+    python bench/leave_source_out.py --data=../shared/data/cxr3 --out=/tmp/loso \
+        --variant vanilla=--model=vanilla --variant robust=--model=robust \
+        --holdout=hannover --holdout=cxnet --seeds=1,2,3
+
+Each (variant, held-out source, seed) is one ``python -m trainer.task`` run in its own process
+with ``--holdout_sources=SOURCE --seed=SEED``: every image of that source goes to the test
+split and none to training or validation. What counts is the accuracy on those images (read
+from the run's per-source breakdown in metrics.json); the in-distribution test accuracy is
+printed beside it and is optimistic. Results are appended to OUT/results.jsonl, so an
+interrupted study resumes where it stopped; the summary gives, per variant and source, the
+median over seeds with the Wilson 95% interval of the median run, and writes OUT/summary.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"error: --variant takes NAME=FLAGS, got {text!r}")
+    return name, shlex.split(flags)
+
+
+def run_once(data: str, out: Path, name: str, flags: list[str], source: str, seed: int,
+             extra: list[str]) -> dict:
+    """One training run with ``source`` held out; its figures on that source and in
+    distribution."""
+    model_dir = out / f"{name}-{source}-seed{seed}"
+    args = [sys.executable, "-m", "trainer.task", f"--data_dir={data}", *flags, *extra,
+            f"--holdout_sources={source}", f"--seed={seed}", f"--model_dir={model_dir}",
+            "--overwrite"]
+    started = time.monotonic()
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"error: {' '.join(args)} failed ({done.returncode}):\n"
+                         f"{done.stderr[-3000:]}")
+    results = json.loads((model_dir / "metrics.json").read_text())
+    by_source = results["sources"]["by_source"]
+    held = by_source[source]
+    seen = {k: v for k, v in by_source.items() if k != source}
+    seen_n = sum(v["n"] for v in seen.values())
+    seen_correct = sum(round(v["accuracy"] * v["n"]) for v in seen.values())
+    return {"variant": name, "flags": flags + extra, "source": source, "seed": seed,
+            "held_out_n": held["n"], "held_out_correct": round(held["accuracy"] * held["n"]),
+            "held_out_predicted": held["predicted"],
+            "in_distribution_accuracy": seen_correct / seen_n if seen_n else None,
+            "last_epoch": results.get("last_epoch"), "seconds": round(seconds, 1)}
+
+
+def summarise(rows: list[dict]) -> str:
+    from trainer.metrics import wilson_interval
+    lines = ["| variant | held-out source | seeds | held-out accuracy, median (95% CI of that run) "
+             "| per seed | in-distribution test accuracy (optimistic), median | minutes/run |",
+             "|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["variant"], r["source"]) for r in rows))
+    for variant, source in keys:
+        mine = sorted((r for r in rows if (r["variant"], r["source"]) == (variant, source)),
+                      key=lambda r: r["held_out_correct"] / r["held_out_n"])
+        middle = mine[(len(mine) - 1) // 2]
+        low, high = wilson_interval(middle["held_out_correct"], middle["held_out_n"])
+        per_seed = ", ".join(f"{r['held_out_correct'] / r['held_out_n']:.3f}" for r in
+                             sorted(mine, key=lambda r: r["seed"]))
+        seen = statistics.median(r["in_distribution_accuracy"] for r in mine)
+        minutes = statistics.median(r["seconds"] for r in mine) / 60
+        lines.append(f"| {variant} | {source} (n={middle['held_out_n']}) | {len(mine)} | "
+                     f"{middle['held_out_correct'] / middle['held_out_n']:.3f} "
+                     f"[{low:.3f}, {high:.3f}] | {per_seed} | {seen:.3f} | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="tree with manifest.csv (source column)")
+    parser.add_argument("--out", required=True, help="folder for the runs and results.jsonl")
+    parser.add_argument("--variant", action="append", required=True, help="NAME=FLAGS")
+    parser.add_argument("--holdout", action="append", required=True, help="a source to hold out")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--extra", default="", help="flags added to every run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    rows = [json.loads(line) for line in results_path.read_text().splitlines()] \
+        if results_path.exists() else []
+    done = {(r["variant"], r["source"], r["seed"]) for r in rows}
+    variants = [parse_variant(v) for v in args.variant]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = shlex.split(args.extra)
+    plan = [(n, f, s, k) for n, f in variants for s in args.holdout for k in seeds
+            if (n, s, k) not in done]
+    for i, (name, flags, source, seed) in enumerate(plan, 1):
+        print(f"[{i}/{len(plan)}] {name}, {source} held out, seed {seed} ...", flush=True)
+        row = run_once(args.data, out, name, flags, source, seed, extra)
+        print(f"    held-out accuracy {row['held_out_correct']}/{row['held_out_n']}, "
+              f"in distribution {row['in_distribution_accuracy']:.3f}, {row['seconds']:.0f} s",
+              flush=True)
+        with open(results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+    summary = summarise(rows)
+    (out / "summary.md").write_text(summary + "\n")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
