@@ -11,10 +11,17 @@ from the run's per-source breakdown in metrics.json); the in-distribution test a
 printed beside it and is optimistic. Results are appended to OUT/results.jsonl, so an
 interrupted study resumes where it stopped; the summary gives, per variant and source, the
 median over seeds with the Wilson 95% interval of the median run, and writes OUT/summary.md.
+
+``--split_source=kermany:NORMAL2-=kermany-later`` names a sub-collection a source of its own:
+files of source ``kermany`` whose name contains ``NORMAL2-`` become ``kermany-later``. The runs
+then read a view of the tree in OUT/data (links to the images, the manifest rewritten), so a
+later collection of one hospital can be held out like a hospital.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import shlex
@@ -33,6 +40,34 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     if not sep or not name:
         raise SystemExit(f"error: --variant takes NAME=FLAGS, got {text!r}")
     return name, shlex.split(flags)
+
+
+def split_source_view(data: Path, out: Path, rules: list[str]) -> Path:
+    """OUT/data: links to every entry of ``data`` and a manifest.csv whose sources follow the
+    ``SOURCE:SUBSTRING=NEW`` rules (a file of SOURCE whose path holds SUBSTRING is NEW)."""
+    parsed = []
+    for rule in rules:
+        source, _, rest = rule.partition(":")
+        substring, _, new = rest.partition("=")
+        if not (source and substring and new):
+            raise SystemExit(f"error: --split_source takes SOURCE:SUBSTRING=NEW, got {rule!r}")
+        parsed.append((source, substring, new))
+    view = out / "data"
+    view.mkdir(parents=True, exist_ok=True)
+    for entry in data.iterdir():
+        link = view / entry.name
+        if entry.name != "manifest.csv" and not link.exists():
+            link.symlink_to(entry.resolve())
+    rows = list(csv.DictReader(io.StringIO((data / "manifest.csv").read_text())))
+    for row in rows:
+        for source, substring, new in parsed:
+            if row["source"] == source and substring in row["relpath"]:
+                row["source"] = new
+    with open(view / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return view
 
 
 def run_once(data: str, out: Path, name: str, flags: list[str], source: str, seed: int,
@@ -92,9 +127,13 @@ def main() -> None:
     parser.add_argument("--holdout", action="append", required=True, help="a source to hold out")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--extra", default="", help="flags added to every run")
+    parser.add_argument("--split_source", action="append", default=[],
+                        help="SOURCE:SUBSTRING=NEW: a sub-collection as a source of its own")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    data = str(split_source_view(Path(args.data), out, args.split_source)) \
+        if args.split_source else args.data
     results_path = out / "results.jsonl"
     rows = [json.loads(line) for line in results_path.read_text().splitlines()] \
         if results_path.exists() else []
@@ -106,7 +145,7 @@ def main() -> None:
             if (n, s, k) not in done]
     for i, (name, flags, source, seed) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {name}, {source} held out, seed {seed} ...", flush=True)
-        row = run_once(args.data, out, name, flags, source, seed, extra)
+        row = run_once(data, out, name, flags, source, seed, extra)
         print(f"    held-out accuracy {row['held_out_correct']}/{row['held_out_n']}, "
               f"in distribution {row['in_distribution_accuracy']:.3f}, {row['seconds']:.0f} s",
               flush=True)
