@@ -4,35 +4,34 @@ File access goes through tf.io.gfile (via ``storage``), so local paths and gs://
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
-import os
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 from sklearn.utils import class_weight as sk_class_weight
 
-from trainer import storage
+from trainer import layout, sources, storage
 from trainer.config import DataConfig
 from trainer.errors import DataError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+from trainer.layout import IMAGE_EXTENSIONS
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One image: its full path, its path relative to its class folder, and its label."""
+    """One image: its full path, its path relative to its class's image folder (the class
+    folder, or its images/ sub-folder), and its label."""
 
     path: str
     relpath: str
     label: int
     shard: str = ""  # the TFRecord shard holding it, for a prepared data_dir (else "")
+    mask: str = ""  # its lung mask (the database's masks/, same name), if there is one
+    source: str = ""  # where it came from, when the data stores it (a prepared dataset)
 
 
 @dataclasses.dataclass
@@ -64,19 +63,31 @@ def find_class_dirs(root: str, classes: list[str]) -> list[str]:
     return found
 
 
-def list_examples(root: str, classes: list[str]) -> list[Example]:
-    """Every image file under each class folder, labelled by the class's index."""
-    examples = []
-    for label, folder in enumerate(find_class_dirs(root, classes)):
+def scan_classes(root: str, classes: list[str]) -> list[layout.ClassFolder]:
+    """Each class folder's listing (layout.scan_class), in class order."""
+    found = []
+    for folder in find_class_dirs(root, classes):
         try:
-            files = storage.walk_files(folder)
+            found.append(layout.scan_class(folder))
         except storage.SymlinkLoopError as err:
             raise DataError(f"{folder}: {err}; remove the link") from None
-        images = [rel for rel in files if rel.lower().endswith(IMAGE_EXTENSIONS)]
-        if not images:
-            raise DataError(f"{folder}: class folder holds no images "
+    return found
+
+
+def list_examples(root: str, classes: list[str]) -> list[Example]:
+    """Every X-ray of each class folder (its images/ sub-folder when it has one; never its
+    masks/), labelled by the class's index and paired with its mask where there is one."""
+    examples = []
+    for label, folder in enumerate(scan_classes(root, classes)):
+        if not folder.images:
+            raise DataError(f"{folder.image_root}: class folder holds no images "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
-        examples += [Example(storage.join(folder, rel), rel, label) for rel in images]
+        examples += [Example(storage.join(folder.image_root, rel), rel, label,
+                             mask=folder.masks.get(rel, "")) for rel in folder.images]
+    others = layout.top_level_files(root)
+    if others:
+        logging.info("%s: not class images (metadata sheets, readme): %s", root,
+                     ", ".join(others))
     return examples
 
 
@@ -105,23 +116,13 @@ def split_examples(examples: list[Example], n_classes: int, validation_split: fl
     return out
 
 
-SOURCES_FILE = "manifest.csv"
+SOURCES_FILE = sources.SOURCES_FILE
 
 
 def read_sources(root: str, examples: list[Example]) -> list[str] | None:
-    """Each example's ``source`` from ROOT/manifest.csv (columns relpath, source), if present.
-
-    relpath is the path from ROOT ('COVID-19/x.jpg'); files it does not list are 'unknown'.
-    """
-    path = storage.join(root, SOURCES_FILE)
-    if not root or not storage.exists(path):
-        return None
-    rows = csv.DictReader(io.StringIO(storage.read_text(path)))
-    if not rows.fieldnames or not {"relpath", "source"} <= set(rows.fieldnames):
-        return None
-    by_path = {row["relpath"]: row["source"] for row in rows}
-    prefix = len(root.rstrip("/")) + 1
-    return [by_path.get(e.path[prefix:].replace(os.sep, "/"), "unknown") for e in examples]
+    """Each example's source (trainer.sources: the prepared dataset, ROOT/manifest.csv or the
+    database's metadata sheets), or None when nothing says."""
+    return sources.read_sources(root, examples)
 
 
 def hold_out_sources(examples: list[Example], data: DataConfig) -> tuple[list, list]:
@@ -131,17 +132,18 @@ def hold_out_sources(examples: list[Example], data: DataConfig) -> tuple[list, l
     """
     if not data.holdout_sources:
         return examples, []
-    sources = read_sources(data.data_dir, examples)
-    if sources is None:
+    found = read_sources(data.data_dir, examples)
+    if found is None:
         raise DataError(f"--holdout_sources needs {storage.join(data.data_dir, SOURCES_FILE)} "
-                        "with relpath and source columns")
-    unknown = sorted(set(data.holdout_sources) - set(sources))
+                        "with relpath and source columns, or the database's CLASS"
+                        f"{sources.SHEET_SUFFIX} sheets")
+    unknown = sorted(set(data.holdout_sources) - set(found))
     if unknown:
         raise DataError(f"--holdout_sources: no images from {', '.join(unknown)} in "
-                        f"{SOURCES_FILE} (sources: {', '.join(sorted(set(sources)))})")
+                        f"{sources.origin(data.data_dir)} (sources: {', '.join(sorted(set(found)))})")
     held = set(data.holdout_sources)
-    keep = [e for e, s in zip(examples, sources) if s not in held]
-    unseen = [e for e, s in zip(examples, sources) if s in held]
+    keep = [e for e, s in zip(examples, found) if s not in held]
+    unseen = [e for e, s in zip(examples, found) if s in held]
     logging.info("holding out %d images from %s: test only, never trained on", len(unseen),
                  ", ".join(sorted(held)))
     return keep, unseen
