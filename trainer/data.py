@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 from sklearn.utils import class_weight as sk_class_weight
 
-from trainer import layout, sources, storage
+from trainer import layout, prepared, sources, storage
 from trainer.config import DataConfig
 from trainer.errors import DataError
 from trainer.layout import IMAGE_EXTENSIONS
@@ -29,7 +28,7 @@ class Example:
     path: str
     relpath: str
     label: int
-    shard: str = ""  # the TFRecord shard holding it, for a prepared data_dir (else "")
+    prepared: tuple = ()  # (dataset dir, TFDS split) holding it, for a prepared data_dir
     mask: str = ""  # its lung mask (the database's masks/, same name), if there is one
     source: str = ""  # where it came from, when the data stores it (a prepared dataset)
 
@@ -152,7 +151,8 @@ def hold_out_sources(examples: list[Example], data: DataConfig) -> tuple[list, l
 def make_splits(data: DataConfig) -> Splits:
     """Lists the data tree(s) and splits them as the config says."""
     if is_prepared(data.data_dir):
-        return load_prepared(data)
+        return prepared.load_splits(data)
+    prepared.refuse_unreadable(data.data_dir)
     examples = list_examples(data.data_dir, data.classes)
     examples, unseen = hold_out_sources(examples, data)
     held_out = 0 if data.test_dir else data.test_per_class
@@ -327,8 +327,8 @@ def _images_in_budget(data: DataConfig) -> int:
 def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
                  training: bool) -> tf.data.Dataset:
     """Decoded, resized, batched uint8 images, one-hot labels; shuffled every epoch if training."""
-    if examples and examples[0].shard:
-        return make_shard_dataset(examples, data, batch_size, training)
+    if examples and examples[0].prepared:
+        return prepared.make_dataset(examples, data, batch_size, training)
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples], dtype=np.int32)
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
@@ -370,102 +370,10 @@ def class_weights(labels: list[int], n_classes: int) -> dict[int, float]:
     return {i: float(w) for i, w in enumerate(weights)}
 
 
-# --------------------------------------------------------------------------------------------
-# Prepared data: TFRecord shards + manifest.json written by ``python -m trainer.prepare``.
-# A data_dir holding manifest.json is read from its shards; the splits (and so the class
-# weights) are the manifest's, made by the same split_examples as above.
-
-MANIFEST = "manifest.json"
-PREPARED_FORMAT = "cxr-tfrecord"
-RECORD_FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),  # encoded PNG/JPEG/BMP/GIF bytes
-    "label": tf.io.FixedLenFeature([], tf.int64),
-    "relpath": tf.io.FixedLenFeature([], tf.string),  # path inside its class folder
-}
-
-
 def is_prepared(root: str) -> bool:
-    """True when ``root`` is a prepared directory (it holds manifest.json)."""
-    return bool(root) and storage.exists(storage.join(root, MANIFEST))
+    """True when ``root`` is a dataset written by trainer.prepare (a TFDS dataset, prepared.py):
+    its splits are read from it, not made from folders."""
+    return prepared.is_prepared(root)
 
 
-def read_manifest(root: str) -> dict:
-    path = storage.join(root, MANIFEST)
-    try:
-        manifest = json.loads(storage.read_text(path))
-    except ValueError as err:
-        raise DataError(f"{path}: not a valid manifest ({err}); run trainer.prepare again") from None
-    if manifest.get("format") != PREPARED_FORMAT:
-        raise DataError(f"{path}: not a {PREPARED_FORMAT} manifest (format "
-                        f"{manifest.get('format')!r}); run trainer.prepare again")
-    return manifest
-
-
-def record_key(label, relpath):
-    """The key that names one image inside a prepared split: 'label/relpath'."""
-    if isinstance(relpath, str):
-        return f"{label}/{relpath}"
-    return tf.strings.join([tf.strings.as_string(label), relpath], "/")
-
-
-def load_prepared(data: DataConfig) -> Splits:
-    """The manifest's splits, as Examples that name their shard (no image is read here)."""
-    root = data.data_dir
-    manifest = read_manifest(root)
-    classes = manifest["classes"]
-    if [c.lower() for c in classes] != [c.lower() for c in data.classes]:
-        raise DataError(f"{root}: prepared for classes {classes}, but the config says "
-                        f"{list(data.classes)} (--classes); prepare again or change --classes")
-    settings = manifest.get("settings", {})
-    differ = [k for k in ("seed", "validation_split", "test_per_class")
-              if k in settings and settings[k] != getattr(data, k)]
-    if differ:
-        logging.warning("%s: the splits come from the manifest, made with %s; the config's %s "
-                        "are ignored", root, {k: settings[k] for k in differ},
-                        {k: getattr(data, k) for k in differ})
-    if settings.get("max_side") and data.image_size > settings["max_side"]:
-        logging.warning("%s: images were stored at most %d px; --image_size=%d upsamples them",
-                        root, settings["max_side"], data.image_size)
-    source = manifest.get("source", root)
-    parts = {name: [Example(storage.join(source, classes[f["label"]], f["relpath"]), f["relpath"],
-                            int(f["label"]), storage.join(root, f["shard"]))
-                    for f in manifest["files"].get(name, [])] for name in SPLITS}
-    if data.test_dir:
-        parts["test"] = list_examples(data.test_dir, data.classes)
-    splits = Splits(list(data.classes), parts["train"], parts["val"], parts["test"])
-    if min(splits.counts()["train"]) == 0:
-        raise DataError(f"{root}: the prepared training split has a class with no images "
-                        f"({splits.counts()['train']})")
-    return splits
-
-
-def parse_record(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """One TFRecord -> (encoded image, label, key)."""
-    record = tf.io.parse_single_example(serialized, RECORD_FEATURES)
-    label = tf.cast(record["label"], tf.int32)
-    return record["image"], label, record_key(label, record["relpath"])
-
-
-def make_shard_dataset(examples: list[Example], data: DataConfig, batch_size: int,
-                       training: bool) -> tf.data.Dataset:
-    """Like make_dataset, from the shards that hold ``examples`` (records of other images in
-    those shards, e.g. another worker's share, are skipped). Training reads the shards
-    interleaved in a shuffled order; evaluation reads them in order, so predictions line up
-    with ``examples``."""
-    shards = list(dict.fromkeys(e.shard for e in examples))
-    keys = tf.constant([record_key(e.label, e.relpath) for e in examples])
-    wanted = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys, dtype=tf.int32)), 0)
-    if training:
-        files = tf.data.Dataset.from_tensor_slices(shards).shuffle(
-            len(shards), seed=data.seed, reshuffle_each_iteration=True)
-        ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(shards), 8),
-                              num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        ds = tf.data.TFRecordDataset(shards)
-    ds = ds.map(parse_record, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.filter(lambda image, label, key: wanted.lookup(key) > 0)
-    ds = ds.map(lambda image, label, key: (
-        decode_pixels(image, data.image_size, data.interpolation), label),
-        num_parallel_calls=tf.data.AUTOTUNE)
-    return cache_shuffle_batch(ds, data, len(examples), batch_size, training)
+record_key = prepared.record_key
