@@ -106,7 +106,7 @@ def test_data_check_reports_what_it_found_and_used(database, caplog):
     assert "checking 40 images" in log
     assert f"{database / 'COVID'}: 10 images from images/; 10 lung masks paired" in log
     assert "(1 masks match no image)" in log
-    assert f"not used: 1 entries beside a class's images/ folder" in log
+    assert "not used: 1 entries beside a class's images/ folder" in log
     assert str(database / "COVID" / "extra") in log
     assert "not class images (metadata sheets, readme): COVID.metadata.xlsx" in log
 

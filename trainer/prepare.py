@@ -25,7 +25,7 @@ import time
 from absl import flags, logging
 
 from trainer import cli, config as config_lib, flags as trainer_flags
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError
 
 KEEP_AS_IS = {"PNG", "JPEG"}  # formats that both the pipeline and TFDS's Image decode as stored
 

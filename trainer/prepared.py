@@ -173,16 +173,15 @@ def make_dataset(examples: list, data: DataConfig, batch_size: int,
         interleave_cycle_length=min(n_shards, 8) if training else 1, interleave_block_length=1)
     ds = reader.as_dataset(split=split, shuffle_files=training, read_config=config,
                            decoders={"image": tfds().decode.SkipDecoding()})
-    ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32), ex["relpath"]),
-                num_parallel_calls=tf.data.AUTOTUNE)
     if len(examples) != reader.info.splits[split].num_examples:
         keys = tf.constant([record_key(e.label, e.relpath) for e in examples])
         wanted = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys, dtype=tf.int32)), 0)
-        ds = ds.filter(lambda image, label, rel: wanted.lookup(record_key(label, rel)) > 0)
-    ds = ds.map(lambda image, label, rel: (
-        data_lib.decode_pixels(image, data.image_size, data.interpolation), label),
-        num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.filter(lambda ex: wanted.lookup(record_key(ex["label"], ex["relpath"])) > 0)
+    ds = ds.map(lambda ex: (data_lib.decode_pixels(ex["image"], data.image_size,
+                                                   data.interpolation),
+                            tf.cast(ex["label"], tf.int32)),
+                num_parallel_calls=tf.data.AUTOTUNE)
     return data_lib.cache_shuffle_batch(ds, data, len(examples), batch_size, training)
 
 
