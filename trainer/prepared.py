@@ -129,6 +129,7 @@ def load_splits(data: DataConfig):
     trees = {name: meta.get("source", root) for name in TFDS_SPLITS}
     if meta.get("test_source"):
         trees["test"] = meta["test_source"]
+
     def example(f: dict, tree: str, split: str):
         mask = storage.join(tree, *f["mask"].split("/")) if f.get("mask") else ""
         return Example(storage.join(tree, *f["path"].split("/")), f["relpath"], int(f["label"]),
@@ -162,8 +163,8 @@ def make_dataset(examples: list, data: DataConfig, batch_size: int,
     """Like data.make_dataset, from the TFDS split holding ``examples``: the image bytes as
     stored (TFDS's own decoding skipped), decoded by the pipeline's decoder, so the pixels
     equal those trained from the files. Training reads the shards interleaved in a shuffled
-    order (seeded); evaluation in order, so predictions line up with ``examples``. Records of
-    images not in ``examples`` (e.g. left out of a subset) are skipped."""
+    order (seeded); evaluation in the stored order (load_splits' order), so predictions line up
+    with ``examples``. Records of images not in ``examples`` (a subset) are skipped."""
     from trainer import data as data_lib
     root, split = examples[0].prepared
     reader = builder(root)
