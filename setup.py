@@ -23,6 +23,8 @@ setup(
         "matplotlib>=3.7,<4",  # evaluation plots and Grad-CAM overlays
         "google-cloud-storage>=2.14,<4",  # bulk bucket transfers (trainer.pull)
         "google-crc32c>=1.5,<2",
+        "openpyxl>=3.1,<4",  # the COVID-19 Radiography Database's metadata sheets (sources)
+        "tensorflow-datasets>=4.9.10,<5",  # prepared data (trainer.prepare); 4.9.10 runs on TF 2.21
     ],
     extras_require={
         "test": [

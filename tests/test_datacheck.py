@@ -1,6 +1,7 @@
 """Bad data: every kind of bad input, generated in a temporary tree, gets its documented outcome."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -14,84 +15,134 @@ from trainer import config as config_lib, data, datacheck, demo_data
 from trainer.errors import ConfigError, DataError
 
 
-def _first(root: Path, cls: str = "NORMAL") -> Path:
-    return sorted((root / cls).iterdir())[0]
+@dataclasses.dataclass
+class Tree:
+    """A generated tree in one layout; mutations name classes by role (covid, normal, viral)."""
+
+    root: Path
+    classes: list[str]
+    names: dict  # role -> class folder name
+    images_dir: str  # "" (the tutorial's flat folders) or "images" (the current database)
+
+    def folder(self, role: str) -> Path:
+        return self.root / self.names[role]
+
+    def images(self, role: str) -> Path:
+        return self.folder(role) / self.images_dir if self.images_dir else self.folder(role)
+
+    def first(self, role: str = "normal") -> Path:
+        return sorted(p for p in self.images(role).iterdir() if p.is_file())[0]
 
 
-def corrupt(root):
-    (root / "NORMAL" / "corrupt.png").write_bytes(os.urandom(500))
+TUTORIAL = {"covid": "COVID-19", "normal": "NORMAL", "viral": "Viral Pneumonia"}
+DATABASE = {"covid": "COVID", "normal": "Normal", "viral": "Viral Pneumonia"}
 
 
-def truncated(root):
-    Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "NORMAL" / "t.jpg")
-    raw = (root / "NORMAL" / "t.jpg").read_bytes()
-    (root / "NORMAL" / "t.jpg").write_bytes(raw[: len(raw) // 2])
+def make_tree(root: Path, layout_name: str, images_per_class: int, seed: int) -> Tree:
+    if layout_name == "tutorial":
+        demo_data.generate(root, images_per_class=images_per_class, seed=seed)
+        return Tree(root, list(config_lib.TUTORIAL_CLASSES), TUTORIAL, "")
+    demo_data.generate_database(root, images_per_class=images_per_class, seed=seed)
+    return Tree(root, list(demo_data.DATABASE_CLASSES), DATABASE, "images")
 
 
-def zero_bytes(root):
-    (root / "COVID-19" / "empty.png").write_bytes(b"")
+def corrupt(tree):
+    (tree.images("normal") / "corrupt.png").write_bytes(os.urandom(500))
 
 
-def text_as_image(root):
-    (root / "COVID-19" / "notes.jpg").write_text("radiologist notes")
+def truncated(tree):
+    path = tree.images("normal") / "t.jpg"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
 
 
-def non_image_file(root):
-    (root / "COVID-19" / "notes.txt").write_text("radiologist notes")
+def zero_bytes(tree):
+    (tree.images("covid") / "empty.png").write_bytes(b"")
 
 
-def too_small(root):
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "NORMAL" / "tiny.png")
+def text_as_image(tree):
+    (tree.images("covid") / "notes.jpg").write_text("radiologist notes")
 
 
-def extra_folder(root):
-    (root / "Lung_Opacity").mkdir()
-    shutil.copy(_first(root), root / "Lung_Opacity" / "x.png")
+def non_image_file(tree):
+    (tree.images("covid") / "notes.txt").write_text("radiologist notes")
 
 
-def missing_folder(root):
-    shutil.rmtree(root / "Viral Pneumonia")
+def too_small(tree):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tree.images("normal") / "tiny.png")
 
 
-def empty_folder(root):
-    for f in (root / "Viral Pneumonia").iterdir():
+def extra_folder(tree):
+    (tree.root / "Tuberculosis").mkdir()
+    shutil.copy(tree.first(), tree.root / "Tuberculosis" / "x.png")
+
+
+def missing_folder(tree):
+    shutil.rmtree(tree.folder("viral"))
+
+
+def empty_folder(tree):
+    for f in tree.images("viral").iterdir():
         f.unlink()
 
 
-def symlink_loop(root):
-    os.symlink(root / "NORMAL", root / "NORMAL" / "again")
+def symlink_loop(tree):
+    os.symlink(tree.images("normal"), tree.images("normal") / "again")
 
 
-def duplicate_in_split(root):
-    shutil.copy(_first(root), root / "NORMAL" / "copy.png")
+def duplicate_in_split(tree):
+    shutil.copy(tree.first(), tree.images("normal") / "copy.png")
 
 
-def leak_into_test_tree(root):
-    test = root.parent / "test"
-    demo_data.generate(test, images_per_class=3, seed=9)
-    shutil.copy(_first(root), test / "NORMAL" / "leaked.png")
+def leak_into_test_tree(tree):
+    test = make_tree(tree.root.parent / "test", "tutorial" if not tree.images_dir else "database",
+                     3, seed=9)
+    shutil.copy(tree.first(), test.images("normal") / "leaked.png")
 
 
-def copy_our_split_puts_apart(root):
+def copy_our_split_puts_apart(tree):
     """A renamed copy that the path-hash split sends to another split than the original."""
-    original = _first(root)
-    names = sorted(p.name for p in (root / "NORMAL").iterdir())
+    original = tree.first()
+    names = sorted(p.name for p in tree.images("normal").iterdir())
     for i in range(100):
         candidate = f"copy-{i}.png"
         examples = [data.Example(n, n, 0) for n in names + [candidate]]
         parts = data.split_examples(examples, 1, 0.2, 2, seed=28)
         where = {e.path: name for name in data.SPLITS for e in parts[name]}
         if where[candidate] != where[original.name]:
-            shutil.copy(original, root / "NORMAL" / candidate)
+            shutil.copy(original, tree.images("normal") / candidate)
             return
     raise AssertionError("no name found")
 
 
-def same_image_two_classes(root):
-    shutil.copy(_first(root), root / "COVID-19" / "mislabelled.png")
+def same_image_two_classes(tree):
+    shutil.copy(tree.first(), tree.images("covid") / "mislabelled.png")
 
 
-# (case, mutation, flag overrides, expected error text or None, expected warning text or None)
+def nested_folder(tree):
+    (tree.images("normal") / "portable").mkdir()
+    shutil.copy(tree.first(), tree.images("normal") / "portable" / "x.png")
+    (tree.images("normal") / "portable" / "x.png").write_bytes(
+        (tree.images("normal") / "portable" / "x.png").read_bytes() + b"trailing")  # no duplicate
+
+
+def folder_beside_images(tree):
+    (tree.folder("covid") / "augmented").mkdir()
+    shutil.copy(tree.first("covid"), tree.folder("covid") / "augmented" / "x.png")
+
+
+def image_beside_images(tree):
+    shutil.copy(tree.first("covid"), tree.folder("covid") / "loose.png")
+
+
+def xray_copied_into_masks(tree):
+    """A mask folder holding an X-ray's very bytes: masks are never read, so no duplicate."""
+    shutil.copy(tree.first(), tree.folder("normal") / "masks" / "stray.png")
+
+
+# (case, mutation, flag overrides, expected error text or None, expected warning text or None);
+# every case runs in both layouts.
 CASES = [
     ("corrupt", corrupt, {}, "corrupt.png: not a readable image", None),
     ("truncated-jpeg", truncated, {}, "t.jpg: not a readable image", None),
@@ -101,7 +152,7 @@ CASES = [
     ("corrupt-skipped", corrupt, {"on_bad_image": "skip"}, None, "leaving out 1 bad images"),
     ("too-small-allowed", too_small, {"min_image_side": 8}, None, None),
     ("non-image-file", non_image_file, {}, None, "ignoring 1 non-image files"),
-    ("extra-folder", extra_folder, {}, None, "Lung_Opacity: not one of the classes"),
+    ("extra-folder", extra_folder, {}, None, "Tuberculosis: not one of the classes"),
     ("missing-folder", missing_folder, {}, "no folder for class 'Viral Pneumonia'", None),
     ("empty-folder", empty_folder, {}, "class folder holds no images", None),
     ("symlink-loop", symlink_loop, {}, "symlink loop", None),
@@ -112,18 +163,30 @@ CASES = [
     ("leak", leak_into_test_tree, {}, "1 images appear in two splits", None),
     ("leak-warned", leak_into_test_tree, {"on_leak": "warn"}, None, "1 images appear in two splits"),
     ("two-classes", same_image_two_classes, {}, "1 images appear under two classes", None),
-    ("clean", lambda root: None, {}, None, None),
+    ("nested-folder-used", nested_folder, {}, None, None),
+    ("clean", lambda tree: None, {}, None, None),
 ]
+# Only in the database's layout: what lies beside images/ is reported and not used; masks/
+# is never read as images.
+DATABASE_CASES = [
+    ("folder-beside-images", folder_beside_images, {}, None, "not used: 1 entries beside a "
+     "class's images/ folder"),
+    ("image-beside-images", image_beside_images, {}, None, "not used: 1 entries"),
+    ("xray-in-masks", xray_copied_into_masks, {}, None, None),
+]
+TABLE = ([("tutorial", *case) for case in CASES] + [("database", *case) for case in CASES]
+         + [("database", *case) for case in DATABASE_CASES])
 
 
-@pytest.mark.parametrize("case, mutate, overrides, error, warning", CASES, ids=[c[0] for c in CASES])
-def test_bad_inputs(tmp_path, caplog, case, mutate, overrides, error, warning):
-    root = tmp_path / "data"
-    demo_data.generate(root, images_per_class=12, seed=2)
-    mutate(root)
-    test_dir = str(root.parent / "test") if (root.parent / "test").exists() else ""
-    config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_dir": test_dir,
-                                                   "test_per_class": 2, **overrides})
+@pytest.mark.parametrize("layout_name, case, mutate, overrides, error, warning", TABLE,
+                         ids=[f"{t[0]}-{t[1]}" for t in TABLE])
+def test_bad_inputs(tmp_path, caplog, layout_name, case, mutate, overrides, error, warning):
+    tree = make_tree(tmp_path / "data", layout_name, images_per_class=12, seed=2)
+    mutate(tree)
+    test_dir = str(tmp_path / "test") if (tmp_path / "test").exists() else ""
+    config = config_lib.load("vanilla", overrides={"data_dir": str(tree.root), "test_dir": test_dir,
+                                                   "classes": tree.classes, "test_per_class": 2,
+                                                   **overrides})
     if error:
         with pytest.raises(DataError) as err:
             datacheck.check(data.make_splits(config.data), config.data)
@@ -139,14 +202,20 @@ def test_bad_inputs(tmp_path, caplog, case, mutate, overrides, error, warning):
     infos = {name: [datacheck.inspect(e.path, config.data.min_image_side)
                     for e in getattr(splits, name)] for name in data.SPLITS}
     assert all(i.problem is None for name in data.SPLITS for i in infos[name])
+    assert not any("/masks/" in e.path for name in data.SPLITS for e in getattr(splits, name))
+    added = {"too-small-allowed": 1, "duplicate-in-split": 1, "copy-kept-together": 1,
+             "nested-folder-used": 1}.get(case, 0)  # images that the mutation added and kept
+    if not test_dir:  # only X-rays counted: no mask, nothing beside images/
+        assert sum(map(sum, splits.counts().values())) == 12 * len(tree.classes) + added
     if case != "leak-warned":  # no image content in two splits
         train, val, test = ({i.sha256 for i in infos[name]} for name in data.SPLITS)
         assert not (train & val or train & test or val & test)
 
 
 def test_skipped_bad_image_run_completes(tmp_path, tiny_config, demo_tree):
-    corrupt(demo_tree)
-    zero_bytes(demo_tree)
+    tree = Tree(demo_tree, list(config_lib.TUTORIAL_CLASSES), TUTORIAL, "")
+    corrupt(tree)
+    zero_bytes(tree)
     tiny_config.data.on_bad_image = "skip"
     tiny_config.train.epochs = 1
     from trainer import train
@@ -193,18 +262,21 @@ def test_config_loader_only_raises_config_errors(raw):
         assert str(err) and "\n" not in str(err)
 
 
-@pytest.mark.parametrize("mutate, status, expected", [
-    (lambda root: None, 0, "data check passed"),
-    (corrupt, 3, "corrupt.png: not a readable image"),
-    (symlink_loop, 3, "symlink loop"),
-], ids=["clean", "corrupt", "symlink-loop"])
-def test_prepare_check_only(tmp_path, mutate, status, expected):
+CHECK_ONLY = [("clean", lambda tree: None, 0, "data check passed"),
+              ("corrupt", corrupt, 3, "corrupt.png: not a readable image"),
+              ("symlink-loop", symlink_loop, 3, "symlink loop")]
+
+
+@pytest.mark.parametrize("layout_name", ["tutorial", "database"])
+@pytest.mark.parametrize("case, mutate, status, expected", CHECK_ONLY,
+                         ids=[c[0] for c in CHECK_ONLY])
+def test_prepare_check_only(tmp_path, layout_name, case, mutate, status, expected):
     import subprocess
     import sys
-    root = tmp_path / "data"
-    demo_data.generate(root, images_per_class=8, seed=5)
-    mutate(root)
-    proc = subprocess.run([sys.executable, "-m", "trainer.prepare", "--check_only", f"--src={root}",
+    tree = make_tree(tmp_path / "data", layout_name, images_per_class=8, seed=5)
+    mutate(tree)
+    proc = subprocess.run([sys.executable, "-m", "trainer.prepare", "--check_only",
+                           f"--src={tree.root}", f"--classes={','.join(tree.classes)}",
                            "--test_per_class=2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == status, proc.stderr[-2000:]
     assert expected in proc.stdout + proc.stderr

@@ -50,10 +50,15 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "truncated.png").write_bytes(truncated[:len(truncated) // 3])
     (root / "empty").mkdir()
     (root / "folder" / "notes.txt").write_text("ignored: not an image extension")
+    for sub in ("images", "masks"):  # a class folder of the current database
+        (root / "COVID" / sub).mkdir(parents=True)
+    paths["xray"] = root / "COVID" / "images" / "COVID-1.png"
+    Image.fromarray(pixels[..., 0]).save(paths["xray"])
+    Image.fromarray(pixels[..., 0] > 128).save(root / "COVID" / "masks" / "COVID-1.png")
     out = {k: str(v) for k, v in paths.items()}
     out.update(text=str(root / "text.png"), truncated=str(root / "truncated.png"),
                missing=str(root / "missing.png"), folder=str(root / "folder"),
-               empty=str(root / "empty"))
+               empty=str(root / "empty"), database_class=str(root / "COVID"))
     return out
 
 
@@ -61,6 +66,7 @@ CASES = [
     (["png"], ["png"], []),
     (["png", "jpeg"], ["png", "jpeg"], []),
     (["folder"], ["gray", "nested"], []),
+    (["database_class"], ["xray"], []),  # its mask is no image to predict
     (["text", "png"], ["png"], ["text.png: cannot read it as an image"]),
     (["truncated", "jpeg"], ["jpeg"], ["truncated.png: cannot read it as an image"]),
     (["missing", "png"], ["png"], ["missing.png: no such file or folder"]),

@@ -4,35 +4,33 @@ File access goes through tf.io.gfile (via ``storage``), so local paths and gs://
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
-import json
-import os
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 from sklearn.utils import class_weight as sk_class_weight
 
-from trainer import storage
+from trainer import layout, prepared, sources, storage
 from trainer.config import DataConfig
 from trainer.errors import DataError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+from trainer.layout import IMAGE_EXTENSIONS
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One image: its full path, its path relative to its class folder, and its label."""
+    """One image: its full path, its path relative to its class's image folder (the class
+    folder, or its images/ sub-folder), and its label."""
 
     path: str
     relpath: str
     label: int
-    shard: str = ""  # the TFRecord shard holding it, for a prepared data_dir (else "")
+    prepared: tuple = ()  # (dataset dir, TFDS split) holding it, for a prepared data_dir
+    mask: str = ""  # its lung mask (the database's masks/, same name), if there is one
+    source: str = ""  # where it came from, when the data stores it (a prepared dataset)
 
 
 @dataclasses.dataclass
@@ -64,19 +62,31 @@ def find_class_dirs(root: str, classes: list[str]) -> list[str]:
     return found
 
 
-def list_examples(root: str, classes: list[str]) -> list[Example]:
-    """Every image file under each class folder, labelled by the class's index."""
-    examples = []
-    for label, folder in enumerate(find_class_dirs(root, classes)):
+def scan_classes(root: str, classes: list[str]) -> list[layout.ClassFolder]:
+    """Each class folder's listing (layout.scan_class), in class order."""
+    found = []
+    for folder in find_class_dirs(root, classes):
         try:
-            files = storage.walk_files(folder)
+            found.append(layout.scan_class(folder))
         except storage.SymlinkLoopError as err:
             raise DataError(f"{folder}: {err}; remove the link") from None
-        images = [rel for rel in files if rel.lower().endswith(IMAGE_EXTENSIONS)]
-        if not images:
-            raise DataError(f"{folder}: class folder holds no images "
+    return found
+
+
+def list_examples(root: str, classes: list[str]) -> list[Example]:
+    """Every X-ray of each class folder (its images/ sub-folder when it has one; never its
+    masks/), labelled by the class's index and paired with its mask where there is one."""
+    examples = []
+    for label, folder in enumerate(scan_classes(root, classes)):
+        if not folder.images:
+            raise DataError(f"{folder.image_root}: class folder holds no images "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
-        examples += [Example(storage.join(folder, rel), rel, label) for rel in images]
+        examples += [Example(storage.join(folder.image_root, rel), rel, label,
+                             mask=folder.masks.get(rel, "")) for rel in folder.images]
+    others = layout.top_level_files(root)
+    if others:
+        logging.info("%s: not class images (metadata sheets, readme): %s", root,
+                     ", ".join(others))
     return examples
 
 
@@ -105,23 +115,13 @@ def split_examples(examples: list[Example], n_classes: int, validation_split: fl
     return out
 
 
-SOURCES_FILE = "manifest.csv"
+SOURCES_FILE = sources.SOURCES_FILE
 
 
 def read_sources(root: str, examples: list[Example]) -> list[str] | None:
-    """Each example's ``source`` from ROOT/manifest.csv (columns relpath, source), if present.
-
-    relpath is the path from ROOT ('COVID-19/x.jpg'); files it does not list are 'unknown'.
-    """
-    path = storage.join(root, SOURCES_FILE)
-    if not root or not storage.exists(path):
-        return None
-    rows = csv.DictReader(io.StringIO(storage.read_text(path)))
-    if not rows.fieldnames or not {"relpath", "source"} <= set(rows.fieldnames):
-        return None
-    by_path = {row["relpath"]: row["source"] for row in rows}
-    prefix = len(root.rstrip("/")) + 1
-    return [by_path.get(e.path[prefix:].replace(os.sep, "/"), "unknown") for e in examples]
+    """Each example's source (trainer.sources: the prepared dataset, ROOT/manifest.csv or the
+    database's metadata sheets), or None when nothing says."""
+    return sources.read_sources(root, examples)
 
 
 def hold_out_sources(examples: list[Example], data: DataConfig) -> tuple[list, list]:
@@ -131,17 +131,18 @@ def hold_out_sources(examples: list[Example], data: DataConfig) -> tuple[list, l
     """
     if not data.holdout_sources:
         return examples, []
-    sources = read_sources(data.data_dir, examples)
-    if sources is None:
+    found = read_sources(data.data_dir, examples)
+    if found is None:
         raise DataError(f"--holdout_sources needs {storage.join(data.data_dir, SOURCES_FILE)} "
-                        "with relpath and source columns")
-    unknown = sorted(set(data.holdout_sources) - set(sources))
+                        "with relpath and source columns, or the database's CLASS"
+                        f"{sources.SHEET_SUFFIX} sheets")
+    unknown = sorted(set(data.holdout_sources) - set(found))
     if unknown:
         raise DataError(f"--holdout_sources: no images from {', '.join(unknown)} in "
-                        f"{SOURCES_FILE} (sources: {', '.join(sorted(set(sources)))})")
+                        f"{sources.origin(data.data_dir)} (sources: {', '.join(sorted(set(found)))})")
     held = set(data.holdout_sources)
-    keep = [e for e, s in zip(examples, sources) if s not in held]
-    unseen = [e for e, s in zip(examples, sources) if s in held]
+    keep = [e for e, s in zip(examples, found) if s not in held]
+    unseen = [e for e, s in zip(examples, found) if s in held]
     logging.info("holding out %d images from %s: test only, never trained on", len(unseen),
                  ", ".join(sorted(held)))
     return keep, unseen
@@ -150,7 +151,8 @@ def hold_out_sources(examples: list[Example], data: DataConfig) -> tuple[list, l
 def make_splits(data: DataConfig) -> Splits:
     """Lists the data tree(s) and splits them as the config says."""
     if is_prepared(data.data_dir):
-        return load_prepared(data)
+        return prepared.load_splits(data)
+    prepared.refuse_unreadable(data.data_dir)
     examples = list_examples(data.data_dir, data.classes)
     examples, unseen = hold_out_sources(examples, data)
     held_out = 0 if data.test_dir else data.test_per_class
@@ -327,8 +329,8 @@ def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
     """Decoded, resized, batched uint8 images, one-hot labels; shuffled every epoch if training.
 
     ``whole_batches`` drops a short last batch (see ``cache_shuffle_batch``)."""
-    if examples and examples[0].shard:
-        return make_shard_dataset(examples, data, batch_size, training, whole_batches)
+    if examples and examples[0].prepared:
+        return prepared.make_dataset(examples, data, batch_size, training, whole_batches)
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples], dtype=np.int32)
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
@@ -373,102 +375,10 @@ def class_weights(labels: list[int], n_classes: int) -> dict[int, float]:
     return {i: float(w) for i, w in enumerate(weights)}
 
 
-# --------------------------------------------------------------------------------------------
-# Prepared data: TFRecord shards + manifest.json written by ``python -m trainer.prepare``.
-# A data_dir holding manifest.json is read from its shards; the splits (and so the class
-# weights) are the manifest's, made by the same split_examples as above.
-
-MANIFEST = "manifest.json"
-PREPARED_FORMAT = "cxr-tfrecord"
-RECORD_FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),  # encoded PNG/JPEG/BMP/GIF bytes
-    "label": tf.io.FixedLenFeature([], tf.int64),
-    "relpath": tf.io.FixedLenFeature([], tf.string),  # path inside its class folder
-}
-
-
 def is_prepared(root: str) -> bool:
-    """True when ``root`` is a prepared directory (it holds manifest.json)."""
-    return bool(root) and storage.exists(storage.join(root, MANIFEST))
+    """True when ``root`` is a dataset written by trainer.prepare (a TFDS dataset, prepared.py):
+    its splits are read from it, not made from folders."""
+    return prepared.is_prepared(root)
 
 
-def read_manifest(root: str) -> dict:
-    path = storage.join(root, MANIFEST)
-    try:
-        manifest = json.loads(storage.read_text(path))
-    except ValueError as err:
-        raise DataError(f"{path}: not a valid manifest ({err}); run trainer.prepare again") from None
-    if manifest.get("format") != PREPARED_FORMAT:
-        raise DataError(f"{path}: not a {PREPARED_FORMAT} manifest (format "
-                        f"{manifest.get('format')!r}); run trainer.prepare again")
-    return manifest
-
-
-def record_key(label, relpath):
-    """The key that names one image inside a prepared split: 'label/relpath'."""
-    if isinstance(relpath, str):
-        return f"{label}/{relpath}"
-    return tf.strings.join([tf.strings.as_string(label), relpath], "/")
-
-
-def load_prepared(data: DataConfig) -> Splits:
-    """The manifest's splits, as Examples that name their shard (no image is read here)."""
-    root = data.data_dir
-    manifest = read_manifest(root)
-    classes = manifest["classes"]
-    if [c.lower() for c in classes] != [c.lower() for c in data.classes]:
-        raise DataError(f"{root}: prepared for classes {classes}, but the config says "
-                        f"{list(data.classes)} (--classes); prepare again or change --classes")
-    settings = manifest.get("settings", {})
-    differ = [k for k in ("seed", "validation_split", "test_per_class")
-              if k in settings and settings[k] != getattr(data, k)]
-    if differ:
-        logging.warning("%s: the splits come from the manifest, made with %s; the config's %s "
-                        "are ignored", root, {k: settings[k] for k in differ},
-                        {k: getattr(data, k) for k in differ})
-    if settings.get("max_side") and data.image_size > settings["max_side"]:
-        logging.warning("%s: images were stored at most %d px; --image_size=%d upsamples them",
-                        root, settings["max_side"], data.image_size)
-    source = manifest.get("source", root)
-    parts = {name: [Example(storage.join(source, classes[f["label"]], f["relpath"]), f["relpath"],
-                            int(f["label"]), storage.join(root, f["shard"]))
-                    for f in manifest["files"].get(name, [])] for name in SPLITS}
-    if data.test_dir:
-        parts["test"] = list_examples(data.test_dir, data.classes)
-    splits = Splits(list(data.classes), parts["train"], parts["val"], parts["test"])
-    if min(splits.counts()["train"]) == 0:
-        raise DataError(f"{root}: the prepared training split has a class with no images "
-                        f"({splits.counts()['train']})")
-    return splits
-
-
-def parse_record(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """One TFRecord -> (encoded image, label, key)."""
-    record = tf.io.parse_single_example(serialized, RECORD_FEATURES)
-    label = tf.cast(record["label"], tf.int32)
-    return record["image"], label, record_key(label, record["relpath"])
-
-
-def make_shard_dataset(examples: list[Example], data: DataConfig, batch_size: int,
-                       training: bool, whole_batches: bool = False) -> tf.data.Dataset:
-    """Like make_dataset, from the shards that hold ``examples`` (records of other images in
-    those shards, e.g. another worker's share, are skipped). Training reads the shards
-    interleaved in a shuffled order; evaluation reads them in order, so predictions line up
-    with ``examples``."""
-    shards = list(dict.fromkeys(e.shard for e in examples))
-    keys = tf.constant([record_key(e.label, e.relpath) for e in examples])
-    wanted = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys, dtype=tf.int32)), 0)
-    if training:
-        files = tf.data.Dataset.from_tensor_slices(shards).shuffle(
-            len(shards), seed=data.seed, reshuffle_each_iteration=True)
-        ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(shards), 8),
-                              num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        ds = tf.data.TFRecordDataset(shards)
-    ds = ds.map(parse_record, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.filter(lambda image, label, key: wanted.lookup(key) > 0)
-    ds = ds.map(lambda image, label, key: (
-        decode_pixels(image, data.image_size, data.interpolation), label),
-        num_parallel_calls=tf.data.AUTOTUNE)
-    return cache_shuffle_batch(ds, data, len(examples), batch_size, training, whole_batches)
+record_key = prepared.record_key

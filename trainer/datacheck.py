@@ -14,9 +14,9 @@ import hashlib
 import tensorflow as tf
 from absl import logging
 
-from trainer import storage
+from trainer import data as data_lib, layout, storage
 from trainer.config import DataConfig
-from trainer.data import IMAGE_EXTENSIONS, SPLITS, Example, Splits
+from trainer.data import SPLITS, Example, Splits
 from trainer.errors import DataError
 
 MAX_LISTED = 20
@@ -39,6 +39,8 @@ class Report:
     conflicts: list[tuple[str, str]]  # same bytes under two classes
     stray_folders: list[str]
     stray_files: list[str]
+    unused: list[str] = dataclasses.field(default_factory=list)  # beside a class's images/
+    layouts: list[str] = dataclasses.field(default_factory=list)  # where images came from
 
 
 def decode_error(raw: bytes, min_side: int = 0) -> str | None:
@@ -66,18 +68,20 @@ def inspect(path: str, min_side: int) -> ImageInfo:
     return ImageInfo(path, hashlib.sha256(raw).hexdigest(), decode_error(raw, min_side))
 
 
-def stray_entries(root: str, classes: list[str]) -> tuple[list[str], list[str]]:
-    """Folders under ``root`` that are no configured class, and non-image files in class folders."""
+def stray_folders(root: str, classes: list[str]) -> list[str]:
+    """Folders under ``root`` that are no configured class."""
     wanted = {c.lower() for c in classes}
-    folders = [name for name in storage.listdir(root) if storage.isdir(storage.join(root, name))]
-    stray_folders = [storage.join(root, n) for n in folders if n.lower() not in wanted]
-    stray_files = []
-    for name in folders:
-        if name.lower() in wanted:
-            folder = storage.join(root, name)
-            stray_files += [storage.join(folder, rel) for rel in storage.walk_files(folder)
-                            if not rel.lower().endswith(IMAGE_EXTENSIONS)]
-    return stray_folders, stray_files
+    return [storage.join(root, name) for name in storage.listdir(root)
+            if name.lower() not in wanted and storage.isdir(storage.join(root, name))]
+
+
+def layout_report(root: str, classes: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(non-image files in the folders used; what was found beside a class's images/ folder
+    and not used; one line per class saying where its images came from, which masks paired)."""
+    folders = data_lib.scan_classes(root, classes)
+    return ([path for folder in folders for path in folder.non_images],
+            [path for folder in folders for path in folder.unused],
+            [layout.describe(folder) for folder in folders])
 
 
 def _split_of(splits: Splits) -> dict[str, tuple[str, Example]]:
@@ -105,13 +109,15 @@ def scan(splits: Splits, data: DataConfig, workers: int = 8) -> Report:
             else:
                 duplicates.append((first, other))
     roots = [data.data_dir] + ([data.test_dir] if data.test_dir else [])
-    stray_folders, stray_files = [], []
+    strays, stray_files, unused, layouts = [], [], [], []
     for root in roots:
-        folders, files = stray_entries(root, data.classes)
-        stray_folders += folders
+        strays += stray_folders(root, data.classes)
+        files, found, lines = layout_report(root, data.classes)
         stray_files += files
+        unused += found
+        layouts += lines
     return Report([i for i in infos if i.problem], duplicates, leaks, conflicts,
-                  stray_folders, stray_files)
+                  strays, stray_files, unused, layouts)
 
 
 def _listing(lines: list[str]) -> str:
@@ -133,8 +139,14 @@ def regroup(splits: Splits, leaks: list[tuple[str, str, str, str]]) -> Splits:
 
 def apply(report: Report, splits: Splits, data: DataConfig) -> Splits:
     """Fails, warns or drops files as ``on_bad_image`` / ``on_leak`` say; returns usable splits."""
+    for line in report.layouts:
+        logging.info("%s", line)
     for folder in report.stray_folders:
         logging.warning("ignoring folder %s: not one of the classes %s", folder, data.classes)
+    if report.unused:
+        logging.warning("not used: %d entries beside a class's images/ folder (only images/ "
+                        "holds the class's X-rays):\n%s", len(report.unused),
+                        _listing(report.unused))
     if report.stray_files:
         logging.warning("ignoring %d non-image files in class folders:\n%s",
                         len(report.stray_files), _listing(report.stray_files))

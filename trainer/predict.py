@@ -25,13 +25,14 @@ CHUNK = 64  # images decoded and predicted together
 
 
 def expand(paths: list[str]) -> tuple[list[str], list[str]]:
-    """(image files, error lines): folders become their image files, sorted."""
-    from trainer import data, storage
+    """(image files, error lines): folders become their image files, sorted, as a class folder
+    gives them to training (a database class folder's images/, never its masks/)."""
+    from trainer import data, layout, storage
     files, errors = [], []
     for path in paths:
         if storage.isdir(path):
-            found = [storage.join(path, rel) for rel in storage.walk_files(path)
-                     if rel.lower().endswith(data.IMAGE_EXTENSIONS)]
+            folder = layout.scan_class(path)
+            found = [storage.join(folder.image_root, rel) for rel in folder.images]
             if not found:
                 errors.append(f"{path}: folder holds no images ({', '.join(data.IMAGE_EXTENSIONS)})")
             files += found

@@ -1,39 +1,39 @@
 """``python -m trainer.prepare --src=DIR|gs://... --dst=DIR|gs://...``: check a folder tree, split
-it as training does, write sharded TFRecords + manifest.json.
+it as training does, write it as a TensorFlow Datasets dataset (trainer/prepared.py).
 
 Training with ``--data_dir=DST`` then reads the shards (few large sequential reads instead of
 thousands of small ones, images already shrunk to ``--max_side``) and takes the splits from the
-manifest. The split is ``data.make_splits`` itself, with the same seed / validation_split /
-test_per_class flags, so every image lands in the split it would have when training from the
-folders. Images that already fit ``--max_side`` are stored as their original bytes (training
-sees exactly the same pixels); larger ones are shrunk (antialiased) and stored as PNG.
+dataset; any TF program reads it with ``tfds.builder_from_directory(DST)``. The split is
+``data.make_splits`` itself, with the same seed / validation_split / test_per_class /
+holdout_sources flags, so every image lands in the split it would have when training from the
+folders. PNG and JPEG images that already fit ``--max_side`` are stored as their original bytes
+(training sees exactly the same pixels); larger ones, and BMP and GIF (which TFDS's image
+decoder would not give as one frame of 3 channels), are stored as PNG, shrunk (antialiased).
 
 Re-running resumes: finished shards (listed in DST/progress.json) are kept and their images
-skipped; manifest.json is written last, so its presence means the directory is complete.
+skipped; dataset_info.json is written last, so its presence means the directory is complete.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import datetime
 import hashlib
 import io
-import json
 import sys
 import time
 
 from absl import flags, logging
 
 from trainer import cli, config as config_lib, flags as trainer_flags
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError
 
-PROGRESS = "progress.json"
-KEEP_AS_IS = {"PNG", "JPEG", "BMP", "GIF"}  # formats the pipeline's decoder reads directly
+KEEP_AS_IS = {"PNG", "JPEG"}  # formats that both the pipeline and TFDS's Image decode as stored
 
 trainer_flags.define_config_flags()
 flags.DEFINE_string("src", None, "Folder tree to prepare (one folder per class), local or gs://. "
                     "Default: --data_dir.")
-flags.DEFINE_string("dst", None, "Output folder for the shards and manifest.json, local or gs://.")
+flags.DEFINE_string("dst", None, "Output folder for the TFDS dataset (shards, dataset_info.json), "
+                    "local or gs://.")
 flags.DEFINE_integer("max_side", 256, "Images whose longer side exceeds this are shrunk to it "
                      "(keep it at least the --image_size you will train at).")
 flags.DEFINE_integer("shard_mb", 150, "Target shard size in MB (GCS reads best at 100-200 MB).")
@@ -55,15 +55,7 @@ class Settings:
     classes: tuple
     source: str
     test_source: str
-
-
-@dataclasses.dataclass
-class Encoded:
-    """One image ready for its record."""
-
-    record: bytes
-    sha256: str
-    stored: str  # "source" (original bytes) or "resized" (PNG)
+    holdout_sources: tuple = ()
 
 
 # ----------------------------------------------------------------------------- planning
@@ -71,8 +63,9 @@ class Encoded:
 
 def ordered(examples: list, seed: int) -> list:
     """A split's images in shard order: mixed across classes by a seeded hash, deterministic."""
-    from trainer import data
-    return sorted(examples, key=lambda e: data.split_rank(data.record_key(e.label, e.relpath), seed))
+    from trainer import data, prepared
+    return sorted(examples, key=lambda e: data.split_rank(prepared.record_key(e.label, e.relpath),
+                                                          seed))
 
 
 def validate_splits(splits, data_config):
@@ -116,20 +109,12 @@ def encode_image(raw: bytes, max_side: int) -> tuple[bytes, str]:
     return out.getvalue(), "resized"
 
 
-def encode_example(example, max_side: int) -> Encoded:
-    import tensorflow as tf
-
-    from trainer import storage
+def encode_example(example, max_side: int):
+    """The bytes one image's record stores (prepared.Encoded)."""
+    from trainer import prepared, storage
     raw = storage.read_bytes(example.path)
     image, stored = encode_image(raw, max_side)
-    features = tf.train.Features(feature={
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[example.label])),
-        "relpath": tf.train.Feature(bytes_list=tf.train.BytesList(
-            value=[example.relpath.encode()])),
-    })
-    record = tf.train.Example(features=features).SerializeToString()
-    return Encoded(record, hashlib.sha256(raw).hexdigest(), stored)
+    return prepared.Encoded(image, hashlib.sha256(raw).hexdigest(), stored)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -169,66 +154,6 @@ def _clock(seconds: float) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def _read_progress(dst: str, settings: Settings) -> dict:
-    from trainer import storage
-    path = storage.join(dst, PROGRESS)
-    if not storage.exists(path):
-        return {"settings": dataclasses.asdict(settings), "shards": {}}
-    progress = json.loads(storage.read_text(path))
-    if progress.get("settings") != json.loads(json.dumps(dataclasses.asdict(settings))):
-        raise ConfigError(f"{dst} holds an unfinished prepare with other settings "
-                          f"({progress.get('settings')}); use the same flags to resume, "
-                          "or another --dst")
-    return progress
-
-
-def write_split(name: str, examples: list, dst: str, settings: Settings, progress: dict,
-                bar: Progress, workers: int) -> list[dict]:
-    """Writes one split's shards (skipping finished ones); returns its file entries."""
-    import tensorflow as tf
-
-    from trainer import data, storage
-    entries: list[dict] = []
-    done = progress["shards"].setdefault(name, [])
-    position = 0
-    for shard in done:  # finished shards cover a prefix of the ordered split
-        keys = [data.record_key(e.label, e.relpath) for e in
-                examples[position:position + shard["count"]]]
-        if keys != [f["key"] for f in shard["files"]] or \
-                not storage.exists(storage.join(dst, shard["file"])):
-            raise DataError(f"{dst}: finished shard {shard['file']} does not match the source "
-                            "any more; prepare into a new --dst")
-        entries += shard["files"]
-        position += shard["count"]
-        bar.update(shard["count"])
-        logging.info("keeping finished shard %s (%d images)", shard["file"], shard["count"])
-    target = settings.shard_mb * 1_000_000
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        while position < len(examples):
-            index = len(done)
-            file = f"{name}-{index:05d}.tfrecord"
-            files, size = [], 0
-            with tf.io.TFRecordWriter(storage.join(dst, file)) as writer:
-                while position < len(examples) and size < target:
-                    window = examples[position:position + 4 * workers]
-                    for example, encoded in zip(window, pool.map(
-                            lambda e: encode_example(e, settings.max_side), window)):
-                        writer.write(encoded.record)
-                        size += len(encoded.record)
-                        files.append({"key": data.record_key(example.label, example.relpath),
-                                      "relpath": example.relpath, "label": example.label,
-                                      "sha256": encoded.sha256, "stored": encoded.stored,
-                                      "shard": file})
-                        bar.update()
-                        position += 1
-                        if size >= target:
-                            break
-            done.append({"file": file, "count": len(files), "bytes": size, "files": files})
-            storage.write_text_atomic(storage.join(dst, PROGRESS), json.dumps(progress))
-            entries += files
-    return entries
-
-
 def plan_text(splits, settings: Settings, source_bytes: int | None) -> str:
     lines = [f"source: {settings.source}" + (f" (test: {settings.test_source})"
                                             if settings.test_source else ""),
@@ -256,16 +181,33 @@ def check_only(config: config_lib.Config, src: str) -> None:
     print(f"data check passed: {src}")
 
 
+def with_sources(splits, data_config):
+    """Each image with its source (trainer.sources: manifest.csv or the metadata sheets of the
+    tree it comes from), '' where nothing says; the dataset stores it per record."""
+    from trainer import data
+    trees = [data_config.data_dir] + ([data_config.test_dir] if data_config.test_dir else [])
+    every = [e for name in data.SPLITS for e in getattr(splits, name)]
+    found = {}
+    for tree in reversed(trees):  # a test_dir inside data_dir is still its own tree
+        mine = [e for e in every if e.path.startswith(tree.rstrip("/")) and e.path not in found]
+        found.update(zip((e.path for e in mine), data.read_sources(tree, mine) or [""] * len(mine)))
+    parts = {name: [dataclasses.replace(e, source=found.get(e.path, "")) for e in getattr(splits, name)]
+             for name in data.SPLITS}
+    return data.Splits(splits.classes, parts["train"], parts["val"], parts["test"])
+
+
 def prepare(config: config_lib.Config, src: str, dst: str, max_side: int, shard_mb: int,
             workers: int = 8, dry_run: bool = False) -> dict | None:
-    """Checks, splits and writes ``src`` into ``dst``; returns the manifest (None for a dry run)."""
-    from trainer import data, storage
+    """Checks, splits and writes ``src`` into ``dst`` as a TFDS dataset; returns its metadata
+    (prepared.metadata; None for a dry run)."""
+    from trainer import data, prepared, storage
     data_config = dataclasses.replace(config.data, data_dir=src)
     if data.is_prepared(src):
         raise ConfigError(f"--src {src} is already a prepared directory; pass the image folders")
     settings = Settings(data_config.seed, data_config.validation_split,
                         data_config.test_per_class, max_side, shard_mb,
-                        tuple(data_config.classes), src, data_config.test_dir)
+                        tuple(data_config.classes), src, data_config.test_dir,
+                        tuple(data_config.holdout_sources))
     splits = data.make_splits(data_config)
     if dry_run:
         source_bytes = None
@@ -276,45 +218,46 @@ def prepare(config: config_lib.Config, src: str, dst: str, max_side: int, shard_
         print(plan_text(splits, settings, source_bytes))
         print(f"dry run: nothing written (would write to {dst})")
         return None
-    if storage.exists(storage.join(dst, data.MANIFEST)):
-        manifest = data.read_manifest(dst)
-        if manifest.get("settings") == json.loads(json.dumps(dataclasses.asdict(settings))):
-            logging.info("%s is already prepared with these settings; nothing to do", dst)
-            return manifest
-        raise ConfigError(f"{dst} already holds data prepared with other settings "
-                          f"({manifest.get('settings')}); choose another --dst")
+    done = prepared.check_destination(dst, dataclasses.asdict(settings))
+    if done is not None:
+        logging.info("%s is already prepared with these settings; nothing to do", dst)
+        return done
     storage.makedirs(dst)
-    progress = _read_progress(dst, settings)
+    progress = prepared.read_progress(dst, dataclasses.asdict(settings))
     if config.data.check:
         splits = validate_splits(splits, data_config)
+    splits = with_sources(splits, data_config)
     logging.info("preparing %s -> %s\n%s", src, dst, plan_text(splits, settings, None))
     bar = Progress(sum(len(getattr(splits, name)) for name in data.SPLITS))
-    files, shards = {}, {}
-    for name in data.SPLITS:
-        examples = ordered(getattr(splits, name), settings.seed)
-        files[name] = write_split(name, examples, dst, settings, progress, bar, workers)
-        shards[name] = [{k: s[k] for k in ("file", "count", "bytes")}
-                        for s in progress["shards"].get(name, [])]
+    feats = prepared.features(splits.classes)
+    test_tree = data_config.test_dir or src
+
+    def entry(example, encoded) -> dict:
+        tree = test_tree if example.path.startswith(test_tree.rstrip("/")) else src
+        found = {"path": prepared.source_path(tree, example.path), "relpath": example.relpath,
+                 "label": example.label, "source": example.source, "sha256": encoded.sha256,
+                 "stored": encoded.stored}
+        if example.mask:  # the pairing travels with the dataset (for lung-field crops)
+            found["mask"] = prepared.source_path(tree, example.mask)
+        return found
+
+    files = {}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for name in data.SPLITS:
+            examples = ordered(getattr(splits, name), settings.seed)
+            files[name] = prepared.write_split(
+                name, examples, entry, dst, shard_mb * 1_000_000, progress,
+                lambda e: encode_example(e, max_side), feats, bar, pool)
     counts = splits.counts()
-    manifest = {
-        "format": data.PREPARED_FORMAT, "version": 1,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "classes": list(splits.classes), "source": src, "test_source": data_config.test_dir,
-        "settings": dataclasses.asdict(settings),
-        "counts": counts,
-        "class_weights": list(data.class_weights([e.label for e in splits.train],
-                                                 len(splits.classes)).values()),
-        "shards": shards,
-        "files": {name: [{k: f[k] for k in ("relpath", "label", "sha256", "stored", "shard")}
-                         for f in entries] for name, entries in files.items()},
-    }
-    storage.write_text_atomic(storage.join(dst, data.MANIFEST), json.dumps(manifest, indent=1))
-    storage.remove_tree(storage.join(dst, PROGRESS))
-    total = sum(s["bytes"] for split in shards.values() for s in split)
+    weights = list(data.class_weights([e.label for e in splits.train], len(splits.classes)).values())
+    meta = prepared.metadata(splits.classes, src, data_config.test_dir, dataclasses.asdict(settings),
+                             counts, weights, files)
+    prepared.finish(dst, splits.classes, progress, meta)
+    shards = [s for split in progress["shards"].values() for s in split]
     logging.info("prepared %d images into %d shards (%.1f MB) in %s; train with --data_dir=%s",
-                 sum(map(sum, counts.values())), sum(map(len, shards.values())), total / 1e6,
-                 dst, dst)
-    return manifest
+                 sum(map(sum, counts.values())), len(shards),
+                 sum(s["bytes"] for s in shards) / 1e6, dst, dst)
+    return meta
 
 
 def prepare_from_flags(argv: list[str]) -> None:
