@@ -18,7 +18,7 @@ from trainer.keras_api import keras
 
 RUN_ARTIFACTS = ("config.yaml", "checkpoints", "backup", "logs", "history.csv",
                  "metrics.json", "export")
-COMPARED_SECTIONS = ("data", "model", "train")
+COMPARED_SECTIONS = ("data", "model", "augment", "train")
 
 
 def default_model_dir(architecture: str, now: datetime.datetime | None = None) -> str:
@@ -184,7 +184,8 @@ def run(config: Config) -> dict:
     learning_rate = scaled_learning_rate(config, replicas)
     with strategy.scope():
         keras.utils.set_random_seed(config.data.seed)
-        model = models.build(config.model, config.data.image_size, len(splits.classes))
+        model = models.build(config.model, config.data.image_size, len(splits.classes),
+                             config.augment)
         compile_model(model, config, learning_rate)
 
     batch = config.train.batch_size * replicas  # batch_size is per replica
