@@ -11,7 +11,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import callbacks, checkpoints, config as config_lib, data, datacheck, distribute, \
-    export, metrics, models, storage
+    export, metrics, models, sources as sources_lib, storage
 from trainer.config import Config
 from trainer.errors import Preempted, RunDirError, TrainerError
 from trainer.keras_api import keras
@@ -132,7 +132,7 @@ def evaluate(model, examples: list[data.Example], config: Config) -> dict:
     probs = model.predict(test_ds, verbose=0)
     labels = np.array([e.label for e in examples])
     report = metrics.per_class(labels, probs, config.data.classes)
-    sources = data.read_sources(config.data.data_dir, examples)
+    sources = sources_lib.tree_sources(examples, [config.data.data_dir, config.data.test_dir])
     if sources:  # accuracy per hospital/source: a model may have learnt the source, not the disease
         report["sources"] = metrics.source_breakdown(sources, labels, probs.argmax(axis=1),
                                                      config.data.classes)
