@@ -90,7 +90,8 @@ class ModelConfig:
                             "(clip to the image's percentile_low..percentile_high, stretch to "
                             "the full range).", ("none", "equalize", "percentile"))
     percentile_low: float = _field(1.0, "intensity=percentile: the percentile that becomes black.")
-    percentile_high: float = _field(99.0, "intensity=percentile: the percentile that becomes white.")
+    percentile_high: float = _field(99.0, "intensity=percentile: the percentile that becomes "
+                                    "white.")
     border_crop: float = _field(0.0, "Fraction of each side cut off inside the model, before "
                                 "anything else (burnt-in markers and text sit at the edges): the "
                                 "network sees image_size - 2 x round(image_size x border_crop) px.")
@@ -105,7 +106,8 @@ class AugmentConfig:
     translate: float = _field(0.05, "Random shift by up to this fraction of the height and width.")
     rotate: float = _field(5.0, "Random rotation by up to this many degrees either way.")
     brightness: float = _field(0.1, "Random brightness shift by up to this fraction of the range.")
-    contrast: float = _field(0.1, "Random contrast factor in [1 - contrast, 1 + contrast], per image.")
+    contrast: float = _field(0.1, "Random contrast factor in [1 - contrast, 1 + contrast], per "
+                             "image.")
     gamma: float = _field(0.1, "Random gamma in [1 - gamma, 1 + gamma], per image.")
     noise: float = _field(0.0, "Gaussian noise of this standard deviation (fraction of the range).")
     blur: float = _field(0.0, "Gaussian blur of this sigma in pixels, mixed in by a random "
