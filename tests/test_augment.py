@@ -185,3 +185,12 @@ def test_replicas_draw_their_own_augmentation_and_train():
     assert result["replicas"] == 2
     assert all(result["differ"]), result
     assert np.isfinite(result["loss"])
+
+
+def test_resuming_compares_the_augmentation_too():
+    old = config_lib.load("vanilla")
+    new = config_lib.load("vanilla", overrides={"augment": True, "zoom": 0.2})
+    assert train.config_changes(old, new) == ["augment.augment: False -> True",
+                                              "augment.zoom: 0.1 -> 0.2"]
+    before = config_lib.from_yaml_text("data:\n  image_size: 50\n", "old run's config.yaml")
+    assert before.augment == config_lib.AugmentConfig()  # runs from before: augmentation off
