@@ -8,7 +8,9 @@ setup(
     "(COVID-19 / NORMAL / Viral Pneumonia).",
     packages=find_packages(include=["trainer", "trainer.*"]),
     # The YAML recipes travel with non-editable installs (e.g. the container).
-    data_files=[("share/covid-cxr-trainer/configs", ["configs/vanilla.yaml", "configs/inception.yaml"])],
+    data_files=[("share/covid-cxr-trainer/configs", ["configs/vanilla.yaml", "configs/inception.yaml",
+                                                     "configs/robust.yaml",
+                                                     "configs/robust-densenet.yaml"])],
     python_requires=">=3.10",
     install_requires=[
         # TensorFlow and tf-keras move in lock-step: Keras 2 for TF 2.21.

@@ -18,6 +18,17 @@ def _environment() -> dict:
     return {k: v for k, v in os.environ.items() if k not in OWN_VARIABLES}
 
 
+@pytest.fixture(autouse=True)
+def _logging_at_info():
+    """Every test logs at INFO, as the entry points do (cli.setup_logging): a SavedModel export
+    resets absl's verbosity to what it was before, WARNING in a process that never set it."""
+    from absl import logging as absl_logging
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    yield
+    absl_logging.set_verbosity(verbosity)
+
+
 @pytest.fixture(scope="session")
 def _baseline_environment() -> dict:
     return _environment()

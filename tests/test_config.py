@@ -104,7 +104,8 @@ INVALID_VALUES = [
     ({"strategy": "tpu"}, "runtime.strategy (--strategy) must be one of"),
     ({"preprocess": "vgg"}, "model.preprocess (--preprocess) must be one of"),
     ({"class_weights": "auto"}, "train.class_weights (--class_weights) must be one of"),
-    ({"model": "resnet"}, "unknown model 'resnet' (--model): choose one of inception, vanilla"),
+    ({"model": "resnet"}, "unknown model 'resnet' (--model): choose one of inception, robust, "
+                          "robust-densenet, vanilla"),
     ({"model": "vanilla", "config": "x.yaml"}, "pass either --model=NAME or --config=PATH"),
     ({"model": None, "config": "/no/such.yaml"}, "config file not found: /no/such.yaml"),
     ({"epochs": "3"}, "--epochs must be an integer, got '3'"),
@@ -126,3 +127,102 @@ def test_every_leaf_is_a_unique_flag_name():
             "model_dir", "weights", "validation_split", "test_per_class", "seed"} <= set(leaves)
     for name, (_, leaf) in leaves.items():
         assert leaf.metadata["help"], name
+
+
+# --- augmentation, intensity normalisation, border crop, splits (issue 15) -----------------
+
+VALID_NEW_VALUES = [
+    {}, {"augment": True}, {"augment": True, "zoom": 0.0, "rotate": 0.0, "translate": 0.0},
+    {"augment": True, "zoom": 0.5, "translate": 0.3, "rotate": 180, "brightness": 1,
+     "contrast": 0.9, "gamma": 0.9, "noise": 1, "blur": 10, "fill_mode": "constant"},
+    {"augment": True, "zoom": 0, "translate": 0, "rotate": 0, "jit_compile": True},
+    {"augment": False, "jit_compile": True},
+    {"intensity": "equalize"}, {"intensity": "percentile", "percentile_low": 0,
+                                "percentile_high": 100},
+    {"intensity": "percentile", "percentile_low": 2.5, "percentile_high": 97.5},
+    {"border_crop": 0.0}, {"border_crop": 0.1}, {"border_crop": 0.24},
+    {"model": "inception", "weights": "none", "image_size": 94, "border_crop": 0.1},  # 76 px
+    {"architecture": "densenet121", "weights": "none", "image_size": 32},
+    {"architecture": "small_cnn", "image_size": 16}, {"preprocess": "torch"},
+    {"model": "robust"}, {"model": "robust-densenet", "weights": "none"},
+]
+
+
+@pytest.mark.parametrize("overrides", VALID_NEW_VALUES)
+def test_valid_new_values(overrides):
+    _validated(**overrides)
+
+
+INVALID_NEW_VALUES = [
+    ({"zoom": -0.1}, "augment.zoom (--zoom) must be in [0, 1), got -0.1"),
+    ({"zoom": 1.0}, "augment.zoom (--zoom) must be in [0, 1)"),
+    ({"translate": 1.5}, "augment.translate (--translate) must be in [0, 1)"),
+    ({"rotate": -5}, "augment.rotate (--rotate) must be in [0, 180] degrees"),
+    ({"rotate": 181}, "augment.rotate (--rotate) must be in [0, 180] degrees"),
+    ({"brightness": 1.1}, "augment.brightness (--brightness) must be in [0, 1]"),
+    ({"contrast": 1.0}, "augment.contrast (--contrast) must be in [0, 1)"),
+    ({"gamma": 1.0}, "augment.gamma (--gamma) must be in [0, 1)"),
+    ({"gamma": -0.2}, "augment.gamma (--gamma) must be in [0, 1)"),
+    ({"noise": -0.01}, "augment.noise (--noise) must be in [0, 1]"),
+    ({"blur": 11}, "augment.blur (--blur) must be in [0, 10] pixels"),
+    ({"fill_mode": "mirror"}, "augment.fill_mode (--fill_mode) must be one of reflect, wrap, "
+                              "constant, nearest, got 'mirror'"),
+    ({"augment": True, "jit_compile": True}, "runtime.jit_compile (--jit_compile) cannot "
+                                             "compile the zoom, shift and rotation"),
+    ({"augment": True, "zoom": 0, "translate": 0, "jit_compile": True},
+     "drop --jit_compile or set --rotate=0"),
+    ({"augment": "yes"}, "--augment must be true or false, got 'yes'"),
+    ({"intensity": "clahe"}, "model.intensity (--intensity) must be one of none, equalize, "
+                             "percentile, got 'clahe'"),
+    ({"percentile_low": -1}, "model.percentile_low (--percentile_low) must be in [0, 100)"),
+    ({"percentile_low": 100}, "model.percentile_low (--percentile_low) must be in [0, 100)"),
+    ({"percentile_low": 50, "percentile_high": 50},
+     "model.percentile_high (--percentile_high) must be above percentile_low and at most 100"),
+    ({"percentile_high": 101}, "model.percentile_high (--percentile_high) must be above"),
+    ({"border_crop": -0.1}, "model.border_crop (--border_crop) must be in [0, 0.25), got -0.1"),
+    ({"border_crop": 0.25}, "model.border_crop (--border_crop) must be in [0, 0.25)"),
+    ({"model": "inception", "weights": "none", "image_size": 80, "border_crop": 0.1},
+     "model.border_crop (--border_crop) 0.1 leaves 64 px of the 80 px images, below the 75 px "
+     "inception needs"),
+    ({"architecture": "densenet121", "weights": "none", "image_size": 31},
+     "data.image_size (--image_size) must be at least 32 for densenet121, got 31"),
+    ({"preprocess": "caffe"}, "model.preprocess (--preprocess) must be one of auto, tutorial, "
+                              "inception, torch"),
+    ({"group_by": "IM-\\d+"}, "data.group_by (--group_by) needs a capture group"),
+    ({"group_by": "(person"}, "data.group_by (--group_by) is not a valid regular expression"),
+    ({"val_sources": ["x"], "holdout_sources": ["x"]}, "both name x"),
+    ({"val_sources": "x"}, "--val_sources must be a list of strings"),
+    ({"model": "robust", "architecture": "resnet"}, "unknown model 'resnet'"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", INVALID_NEW_VALUES)
+def test_invalid_new_values(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        _validated(**overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["robust", "robust-densenet"])
+def test_named_recipes_resolve_and_ship(name):
+    """--model=NAME finds configs/NAME.yaml, and setup.py installs it for non-editable installs."""
+    import re
+    from pathlib import Path
+    assert config_lib.experiment_path(name, None).endswith(f"configs/{name}.yaml")
+    assert name in config_lib.available_experiments()
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    shipped = re.findall(r'"(configs/[^"]+\.yaml)"', setup)
+    assert sorted(shipped) == sorted(f"configs/{p.name}"
+                                     for p in config_lib.config_dir().glob("*.yaml"))
+
+
+def test_robust_recipe():
+    config = _validated(model="robust")
+    assert (config.model.architecture, config.data.image_size) == ("small_cnn", 96)
+    assert config.augment.augment and config.model.intensity == "percentile"
+    assert config.model.border_crop == 0.05 and config.train.class_weights == "balanced"
+    assert config.data.group_by == r"(person\d+)_|IM-(\d+)-"
+    densenet = config_lib.load("robust-densenet")
+    assert (densenet.model.architecture, densenet.data.image_size, densenet.model.weights) == \
+        ("densenet121", 224, "imagenet")

@@ -236,7 +236,9 @@ def test_gradcam_heatmap_peaks_on_the_lesion_the_model_learned():
 
 
 @pytest.mark.parametrize("architecture, size, layer", [("vanilla", 24, "conv"),
-                                                        ("inception", 75, "inception_v3")])
+                                                        ("inception", 75, "inception_v3"),
+                                                        ("densenet121", 32, "densenet121"),
+                                                        ("small_cnn", 32, "conv4")])
 def test_gradcam_finds_the_last_convolution(architecture, size, layer):
     from trainer import gradcam, models
     from trainer.config import ModelConfig

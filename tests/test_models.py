@@ -1,4 +1,4 @@
-"""Both registered models build, take the configured weights and train one step."""
+"""Every registered model builds, takes the configured weights and trains one step."""
 from __future__ import annotations
 
 import dataclasses
@@ -59,26 +59,79 @@ def test_inception_loads_a_weights_file(tmp_path):
     _train_one_step(model, 99)
 
 
-def test_bad_weights_file_is_a_clear_error(tmp_path):
+def test_densenet121_head_and_one_step_at_32px():
+    model = models.build(_model_config("densenet121", weights="none"), 32, 3)
+    assert model.output_shape == (None, 3)
+    units = [layer.units for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert units == [200, 100, 50, 3]
+    base = model.get_layer("densenet121")
+    assert base.trainable and base.count_params() == 7_037_504  # DenseNet-121 without its top
+    _train_one_step(model, 32)
+
+
+def test_densenet121_loads_a_weights_file(tmp_path):
+    source = models.build(_model_config("densenet121", weights="none"), 32, 3)
+    path = str(tmp_path / "densenet121_notop.h5")
+    source.get_layer("densenet121").save_weights(path)
+    model = models.build(_model_config("densenet121", weights=path), 48, 3)  # other size
+    theirs, ours = source.get_layer("densenet121").weights, model.get_layer("densenet121").weights
+    assert len(theirs) == len(ours) > 0
+    for a, b in zip(theirs, ours):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    fresh = models.build(_model_config("densenet121", weights="none"), 32, 3)
+    assert not np.array_equal(fresh.get_layer("densenet121").weights[0].numpy(),
+                              theirs[0].numpy())  # the file, not the seed, made them equal
+
+
+def test_densenet121_border_crop_shrinks_the_base_input():
+    model = models.build(_model_config("densenet121", weights="none", border_crop=0.1), 40, 3)
+    assert model.input_shape == (None, 40, 40, 3)
+    assert model.get_layer("densenet121").input_shape == (None, 32, 32, 3)
+
+
+def test_small_cnn_and_one_step_at_32px():
+    model = models.build(_model_config("small_cnn"), 32, 3)
+    convs = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs == [16, 32, 64, 128]
+    assert model.count_params() < 120_000
+    _train_one_step(model, 32)
+
+
+@pytest.mark.parametrize("architecture", ["inception", "densenet121"])
+def test_bad_weights_file_is_a_clear_error(tmp_path, architecture):
     path = tmp_path / "garbage.h5"
     path.write_bytes(b"not an hdf5 file")
     with pytest.raises(ConfigError, match=f"--weights: cannot load {path}"):
-        models.build(_model_config("inception", weights=str(path)), 75, 3)
+        models.build(_model_config(architecture, weights=str(path)), 75, 3)
 
 
-@pytest.mark.parametrize("preprocess, weights, expected", [
-    ("auto", "imagenet", "inception"), ("auto", "none", "tutorial"), ("auto", "/w.h5", "tutorial"),
-    ("tutorial", "imagenet", "tutorial"), ("inception", "none", "inception"),
+@pytest.mark.parametrize("architecture, preprocess, weights, expected", [
+    ("inception", "auto", "imagenet", "inception"), ("inception", "auto", "none", "tutorial"),
+    ("inception", "auto", "/w.h5", "tutorial"), ("inception", "tutorial", "imagenet", "tutorial"),
+    ("inception", "inception", "none", "inception"), ("inception", "torch", "none", "torch"),
+    ("densenet121", "auto", "imagenet", "torch"), ("densenet121", "auto", "none", "tutorial"),
+    ("densenet121", "auto", "/w.h5", "tutorial"), ("densenet121", "inception", "imagenet",
+                                                   "inception"),
+    ("vanilla", "auto", "imagenet", "inception"),  # as before DenseNet joined
 ])
-def test_preprocess_mode(preprocess, weights, expected):
-    assert models.preprocess_mode(_model_config("inception", preprocess=preprocess,
+def test_preprocess_mode(architecture, preprocess, weights, expected):
+    assert models.preprocess_mode(_model_config(architecture, preprocess=preprocess,
                                                 weights=weights)) == expected
 
 
-SCALINGS = [  # preprocess, the scaling layer, what pixels 0, 51, 255 become
+SCALINGS = [  # preprocess, the scaling layer, what pixels 0, 51, 255 become (R, G, B)
     ("tutorial", "scaling", [0.0, 0.2, 1.0]),
     ("inception", "inception_scaling", [-1.0, -0.6, 1.0]),
+    ("torch", "torch_scaling", [-0.485 / 0.229, (0.2 - 0.456) / 0.224, (1 - 0.406) / 0.225]),
 ]
+
+
+def test_torch_scaling_is_keras_densenet_preprocessing():
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    model = models.build(_model_config("vanilla", preprocess="torch"), 8, 3)
+    scaled = keras.Model(model.input, model.get_layer("torch_scaling").output)(pixels).numpy()
+    expected = keras.applications.densenet.preprocess_input(pixels.astype(np.float32))
+    np.testing.assert_allclose(scaled, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("preprocess, layer, expected", SCALINGS)
@@ -96,16 +149,28 @@ def test_models_take_uint8_pixels_and_scale_them_in_float32(preprocess, layer, e
     np.testing.assert_allclose(out.numpy()[0, 0, 0], expected, rtol=1e-6, atol=1e-7)
 
 
-def test_imagenet_offline_is_a_clear_error(monkeypatch, tmp_path):
+@pytest.mark.parametrize("architecture, filename", [
+    ("inception", "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ("densenet121", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5")])
+def test_imagenet_offline_is_a_clear_error(monkeypatch, tmp_path, architecture, filename):
+    asked = []
     monkeypatch.setenv("HOME", str(tmp_path))  # no cached weights
-    monkeypatch.setattr(keras.utils, "get_file",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
-    with pytest.raises(ConfigError, match="cannot download the ImageNet weights .* --weights=PATH"):
-        models.build(_model_config("inception", weights="imagenet"), 75, 3)
+
+    def offline(name, url, **kwargs):
+        asked.append((name, url))
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(ConfigError, match=f"cannot download the ImageNet weights .* Download "
+                                          f"{filename} elsewhere and pass --weights=PATH"):
+        models.build(_model_config(architecture, weights="imagenet"), 75, 3)
+    folder = {"inception": "inception_v3", "densenet121": "densenet"}[architecture]
+    assert asked == [(filename, f"{models.KERAS_WEIGHTS_URL}{folder}/{filename}")]
 
 
-def test_registry_lists_both_models():
-    assert models.min_image_sizes() == {"vanilla": 4, "inception": 75}
+def test_registry_lists_every_model():
+    assert models.min_image_sizes() == {"vanilla": 4, "small_cnn": 16, "inception": 75,
+                                        "densenet121": 32}
 
 
 def _float_input_vanilla(size: int):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import logging as absl_logging
 
 from trainer import checkpoints, config as config_lib, data, train
 from trainer.errors import RunDirError
@@ -173,13 +172,8 @@ def test_the_log_says_each_epoch_briefly_why_training_stopped_and_what_is_kept(
         tiny_config, caplog, overrides, stop):
     for key, value in overrides.items():
         setattr(tiny_config.train, key, value)
-    verbosity = absl_logging.get_verbosity()  # as the entry points set it (a SavedModel
-    absl_logging.set_verbosity(absl_logging.INFO)  # export resets it to its value before)
-    try:
-        with caplog.at_level("INFO"):
-            train.run(tiny_config)
-    finally:
-        absl_logging.set_verbosity(verbosity)
+    with caplog.at_level("INFO"):
+        train.run(tiny_config)
     lines = [r.getMessage() for r in caplog.records]
     epochs = [line for line in lines if line.startswith("Epoch ")]
     assert len(epochs) == 2, epochs

@@ -11,6 +11,7 @@ import tempfile
 
 import tensorflow as tf
 
+from trainer import augment, intensity  # noqa: F401 (registers the models' own layers for loading)
 from trainer.keras_api import keras
 
 
@@ -25,7 +26,8 @@ def save(model, path: str) -> None:
 
 
 def load(path: str):
-    """Loads a .keras checkpoint from a local path or gs://."""
+    """Loads a .keras checkpoint from a local path or gs:// (custom layers need no
+    custom_objects: importing this module registered them)."""
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "model.keras")
         tf.io.gfile.copy(path, local, overwrite=True)

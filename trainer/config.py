@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -62,6 +63,15 @@ class DataConfig:
     holdout_sources: list = _field((), "Sources (the 'source' column of DATA_DIR/manifest.csv) kept "
                                    "out of training and validation: all their images go to the "
                                    "test split, to measure accuracy on hospitals never seen.")
+    group_by: str = _field("", "Patient grouping for the splits: a regular expression searched in "
+                           "each file's path inside its class folder; the first capture group "
+                           "that matches names the file's group (e.g. a patient), and a group's "
+                           "images never fall in two splits. Files it does not match are their "
+                           "own group. Empty: every file is its own group (the tutorial).")
+    val_sources: list = _field((), "Sources (the 'source' column of DATA_DIR/manifest.csv) whose "
+                               "images are the whole validation split (never trained on), so "
+                               "early stopping and the best checkpoint are chosen on a source "
+                               "training never saw; validation_split is then not used.")
 
 
 @dataclasses.dataclass
@@ -70,8 +80,40 @@ class ModelConfig:
     weights: str = _field("none", "Base weights for transfer models: imagenet, none, or a "
                           "weights file path (local or gs://).")
     preprocess: str = _field("auto", "Input scaling inside the model: tutorial (x/255), inception "
-                             "([-1, 1]), or auto (inception with ImageNet weights).",
-                             ("auto", "tutorial", "inception"))
+                             "([-1, 1]), torch (x/255 less ImageNet's mean, over its standard "
+                             "deviation, per channel: DenseNet), or auto (the architecture's own "
+                             "with ImageNet weights, else tutorial).",
+                             ("auto", "tutorial", "inception", "torch"))
+    intensity: str = _field("none", "Per-image intensity normalisation inside the model (so "
+                            "training, evaluation, prediction and serving share it): none, "
+                            "equalize (histogram equalisation over 256 levels) or percentile "
+                            "(clip to the image's percentile_low..percentile_high, stretch to "
+                            "the full range).", ("none", "equalize", "percentile"))
+    percentile_low: float = _field(1.0, "intensity=percentile: the percentile that becomes black.")
+    percentile_high: float = _field(99.0, "intensity=percentile: the percentile that becomes "
+                                    "white.")
+    border_crop: float = _field(0.0, "Fraction of each side cut off inside the model, before "
+                                "anything else (burnt-in markers and text sit at the edges): the "
+                                "network sees image_size - 2 x round(image_size x border_crop) px.")
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    augment: bool = _field(False, "Random augmentation: layers inside the model after its input, "
+                           "active in training only (identity in evaluation, prediction, serving); "
+                           "the factors below choose them, 0 turns one off.")
+    zoom: float = _field(0.1, "Random zoom in or out by up to this fraction (zooming in crops).")
+    translate: float = _field(0.05, "Random shift by up to this fraction of the height and width.")
+    rotate: float = _field(5.0, "Random rotation by up to this many degrees either way.")
+    brightness: float = _field(0.1, "Random brightness shift by up to this fraction of the range.")
+    contrast: float = _field(0.1, "Random contrast factor in [1 - contrast, 1 + contrast], per "
+                             "image.")
+    gamma: float = _field(0.1, "Random gamma in [1 - gamma, 1 + gamma], per image.")
+    noise: float = _field(0.0, "Gaussian noise of this standard deviation (fraction of the range).")
+    blur: float = _field(0.0, "Gaussian blur of this sigma in pixels, mixed in by a random "
+                         "weight in [0, 1] per image.")
+    fill_mode: str = _field("reflect", "How zoom, shift and rotation fill pixels from outside the "
+                            "image.", ("reflect", "wrap", "constant", "nearest"))
 
 
 @dataclasses.dataclass
@@ -110,6 +152,7 @@ class OutputConfig:
 class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
@@ -256,13 +299,35 @@ def check_choices(config: Config) -> None:
                               f"{', '.join(choices)}, got '{value}'")
 
 
+def border_pixels(image_size: int, border_crop: float) -> int:
+    """Pixels cut off each side by ``border_crop`` (rounded half up)."""
+    return int(image_size * border_crop + 0.5)
+
+
+def network_size(config: Config) -> int:
+    """The side of the images the network proper sees: image_size less the border crop."""
+    size = config.data.image_size
+    return size - 2 * border_pixels(size, config.model.border_crop)
+
+
+def _regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot name groups (not a regular expression, no capture group), or None."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        return f"is not a valid regular expression ({err})"
+    if compiled.groups < 1:
+        return "needs a capture group, e.g. 'person(\\d+)_', whose text names the group"
+    return None
+
+
 def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
     """Rejects impossible values with one line naming the key and flag.
 
     ``min_image_sizes`` maps each registered architecture to its smallest input.
     """
     check_choices(config)
-    data, model, train = config.data, config.model, config.train
+    data, model, train, aug = config.data, config.model, config.train, config.augment
     rules = [
         (train.epochs >= 1, "train.epochs", "must be at least 1"),
         (train.batch_size >= 1, "train.batch_size", "must be at least 1"),
@@ -280,6 +345,18 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (len(data.classes) >= 2, "data.classes", "needs at least two class names"),
         (len({c.lower() for c in data.classes}) == len(data.classes),
          "data.classes", "has a name twice (names are matched case-insensitively)"),
+        (0 <= model.border_crop < 0.25, "model.border_crop", "must be in [0, 0.25)"),
+        (0 <= model.percentile_low < 100, "model.percentile_low", "must be in [0, 100)"),
+        (model.percentile_low < model.percentile_high <= 100, "model.percentile_high",
+         "must be above percentile_low and at most 100"),
+        (0 <= aug.zoom < 1, "augment.zoom", "must be in [0, 1)"),
+        (0 <= aug.translate < 1, "augment.translate", "must be in [0, 1)"),
+        (0 <= aug.rotate <= 180, "augment.rotate", "must be in [0, 180] degrees"),
+        (0 <= aug.brightness <= 1, "augment.brightness", "must be in [0, 1]"),
+        (0 <= aug.contrast < 1, "augment.contrast", "must be in [0, 1)"),
+        (0 <= aug.gamma < 1, "augment.gamma", "must be in [0, 1)"),
+        (0 <= aug.noise <= 1, "augment.noise", "must be in [0, 1]"),
+        (0 <= aug.blur <= 10, "augment.blur", "must be in [0, 10] pixels"),
     ]
     for ok, key, requirement in rules:
         if not ok:
@@ -293,6 +370,24 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
     if data.image_size < smallest:
         raise ConfigError(f"data.image_size (--image_size) must be at least {smallest} for "
                           f"{model.architecture}, got {data.image_size}")
+    if network_size(config) < smallest:
+        raise ConfigError(f"model.border_crop (--border_crop) {model.border_crop} leaves "
+                          f"{network_size(config)} px of the {data.image_size} px images, below "
+                          f"the {smallest} px {model.architecture} needs; lower --border_crop "
+                          "or raise --image_size")
+    problem = data.group_by and _regex_problem(data.group_by)
+    if problem:
+        raise ConfigError(f"data.group_by (--group_by) {problem}, got {data.group_by!r}")
+    geometry = [f"--{k}" for k in ("zoom", "translate", "rotate") if getattr(aug, k)]
+    if aug.augment and geometry and config.runtime.jit_compile:
+        raise ConfigError(f"runtime.jit_compile (--jit_compile) cannot compile the zoom, shift and "
+                          f"rotation of --augment (XLA has no ImageProjectiveTransformV3 kernel); "
+                          f"drop --jit_compile or set {'=0 '.join(geometry)}=0")
+    both = sorted(set(data.val_sources) & set(data.holdout_sources))
+    if both:
+        raise ConfigError(f"data.val_sources (--val_sources) and data.holdout_sources "
+                          f"(--holdout_sources) both name {', '.join(both)}: a source is "
+                          "either validated on or held out for testing")
     for flag, path in (("data_dir", data.data_dir), ("test_dir", data.test_dir)):
         if path and not path.startswith("gs://") and not os.path.isdir(path):
             raise ConfigError(f"--{flag}: no such directory: {path}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -96,23 +97,55 @@ def split_rank(relpath: str, seed: int) -> str:
 
 
 def split_examples(examples: list[Example], n_classes: int, validation_split: float,
-                   test_per_class: int, seed: int) -> dict[str, list[Example]]:
+                   test_per_class: int, seed: int, group_by: str = "") -> dict[str, list[Example]]:
     """Deterministic stratified split: per class, order by hash, take test, then val, then train.
 
     The order depends only on each file's relative path and the seed, so a file lands in
-    the same split whatever order the listing returned.
+    the same split whatever order the listing returned. With ``group_by`` (a regex; see
+    ``split_group``) whole groups are ordered by the hash of their key and fill test, then
+    val, then train, each until it holds its share of the class (a group may overshoot it);
+    a group found in several classes goes to the first split (test, val, train) any of its
+    classes gave it, so no group's images are ever in two splits. Without it every file is
+    its own group: today's split, image for image.
     """
-    out: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    pattern = re.compile(group_by) if group_by else None
+    fill_order = ("test", "val", "train")
+    first = {}  # group -> the earliest split (in fill_order) any class put it in
+    by_class = []
     for label in range(n_classes):
-        ranked = sorted((e for e in examples if e.label == label),
-                        key=lambda e: split_rank(e.relpath, seed))
-        n_test = min(test_per_class, len(ranked))
-        rest = ranked[n_test:]
-        n_val = int(round(len(rest) * validation_split))
-        out["test"] += ranked[:n_test]
-        out["val"] += rest[:n_val]
-        out["train"] += rest[n_val:]
+        members = [e for e in examples if e.label == label]
+        groups: dict[tuple, list[Example]] = {}
+        for e in sorted(members, key=lambda e: (split_rank(e.relpath, seed), e.relpath)):
+            groups.setdefault(split_group(e, pattern), []).append(e)
+        ranked = sorted(groups.items(), key=lambda item: (split_rank(item[0][-1], seed), item[0]))
+        n_test = min(test_per_class, len(members))
+        taken = {name: 0 for name in SPLITS}
+        for key, files in ranked:
+            if taken["test"] < n_test:
+                name = "test"
+            elif taken["val"] < int(round((len(members) - taken["test"]) * validation_split)):
+                name = "val"
+            else:
+                name = "train"
+            taken[name] += len(files)
+            first[key] = min(first.get(key, name), name, key=fill_order.index)
+        by_class.append(ranked)
+    out: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    for ranked in by_class:
+        for name in SPLITS:
+            out[name] += [e for key, files in ranked if first[key] == name for e in files]
     return out
+
+
+def split_group(example: Example, pattern: re.Pattern | None) -> tuple:
+    """The group an example is split with: ('group', key) where ``pattern`` matches its
+    relative path (key: the first capture group that took part in the match), otherwise
+    ('file', label, relpath), a group of its own."""
+    match = pattern.search(example.relpath) if pattern else None
+    if match:
+        key = next((g for g in match.groups() if g is not None), match.group(0))
+        return ("group", key)
+    return ("file", example.label, example.relpath)
 
 
 SOURCES_FILE = sources.SOURCES_FILE
@@ -124,28 +157,39 @@ def read_sources(root: str, examples: list[Example]) -> list[str] | None:
     return sources.read_sources(root, examples)
 
 
-def hold_out_sources(examples: list[Example], data: DataConfig) -> tuple[list, list]:
-    """Splits off every image of the ``holdout_sources`` (hospitals never seen in training).
+def hold_out_sources(examples: list[Example], data: DataConfig) -> tuple[list, list, list]:
+    """Splits off every image of the ``holdout_sources`` (hospitals never seen in training)
+    and of the ``val_sources`` (hospitals that choose the checkpoint, never trained on).
 
-    Returns (examples to split as usual, images that all go to the test split).
+    Returns (examples to split as usual, images that all go to the validation split, images
+    that all go to the test split).
     """
-    if not data.holdout_sources:
-        return examples, []
+    named = [(flag, list(getattr(data, flag))) for flag in ("holdout_sources", "val_sources")]
+    named = [(flag, wanted) for flag, wanted in named if wanted]
+    if not named:
+        return examples, [], []
     found = read_sources(data.data_dir, examples)
     if found is None:
-        raise DataError(f"--holdout_sources needs {storage.join(data.data_dir, SOURCES_FILE)} "
+        raise DataError(f"--{named[0][0]} needs {storage.join(data.data_dir, SOURCES_FILE)} "
                         "with relpath and source columns, or the database's CLASS"
                         f"{sources.SHEET_SUFFIX} sheets")
-    unknown = sorted(set(data.holdout_sources) - set(found))
-    if unknown:
-        raise DataError(f"--holdout_sources: no images from {', '.join(unknown)} in "
-                        f"{sources.origin(data.data_dir)} (sources: {', '.join(sorted(set(found)))})")
-    held = set(data.holdout_sources)
-    keep = [e for e, s in zip(examples, found) if s not in held]
+    for flag, wanted in named:
+        unknown = sorted(set(wanted) - set(found))
+        if unknown:
+            raise DataError(f"--{flag}: no images from {', '.join(unknown)} in "
+                            f"{sources.origin(data.data_dir)} (sources: "
+                            f"{', '.join(sorted(set(found)))})")
+    held, val = set(data.holdout_sources), set(data.val_sources)
+    keep = [e for e, s in zip(examples, found) if s not in held | val]
+    validation = [e for e, s in zip(examples, found) if s in val]
     unseen = [e for e, s in zip(examples, found) if s in held]
-    logging.info("holding out %d images from %s: test only, never trained on", len(unseen),
-                 ", ".join(sorted(held)))
-    return keep, unseen
+    if held:
+        logging.info("holding out %d images from %s: test only, never trained on", len(unseen),
+                     ", ".join(sorted(held)))
+    if val:
+        logging.info("validating on the %d images from %s (never trained on); "
+                     "validation_split is not used", len(validation), ", ".join(sorted(val)))
+    return keep, validation, unseen
 
 
 def make_splits(data: DataConfig) -> Splits:
@@ -154,11 +198,14 @@ def make_splits(data: DataConfig) -> Splits:
         return prepared.load_splits(data)
     prepared.refuse_unreadable(data.data_dir)
     examples = list_examples(data.data_dir, data.classes)
-    examples, unseen = hold_out_sources(examples, data)
+    examples, validation, unseen = hold_out_sources(examples, data)
     held_out = 0 if data.test_dir else data.test_per_class
-    parts = split_examples(examples, len(data.classes), data.validation_split, held_out, data.seed)
+    val_share = 0.0 if data.val_sources else data.validation_split
+    parts = split_examples(examples, len(data.classes), val_share, held_out, data.seed,
+                           data.group_by)
     if data.test_dir:
         parts["test"] = list_examples(data.test_dir, data.classes)
+    parts["val"] += validation
     parts["test"] += unseen
     splits = Splits(list(data.classes), parts["train"], parts["val"], parts["test"])
     for name, counts in splits.counts().items():

@@ -60,14 +60,18 @@ def apply_overrides(config: Config, overrides: dict) -> Config:
 
 
 def test_set(config: Config, other_tree: bool):
-    """(examples, root, label): the run's own test split, or every image of --test_dir."""
+    """(examples, root, label, source roots): every image of --test_dir given here, or the
+    run's own test split (its test_dir, if it had one, plus any held-out sources of its
+    data_dir, as training tested). The source roots are the trees whose manifest.csv names
+    the images' sources."""
     from trainer import data
-    if config.data.test_dir:
+    if other_tree:
         examples = data.list_examples(config.data.test_dir, config.data.classes)
-        label = "test" if not other_tree else _slug(os.path.basename(
-            config.data.test_dir.rstrip("/")) or "test_dir")
-        return examples, config.data.test_dir, label
-    return data.make_splits(config.data).test, config.data.data_dir, "test"
+        label = _slug(os.path.basename(config.data.test_dir.rstrip("/")) or "test_dir")
+        return examples, config.data.test_dir, label, [config.data.test_dir]
+    root = config.data.test_dir or config.data.data_dir
+    return (data.make_splits(config.data).test, root, "test",
+            [config.data.data_dir, config.data.test_dir])
 
 
 def _slug(text: str) -> str:
@@ -128,13 +132,13 @@ def gradcam_figure(model, examples, picked, probs, config: Config) -> bytes:
 def evaluate(options: Options) -> tuple[str, dict]:
     """Loads, predicts, measures, draws and writes; returns the output folder and metrics."""
     import numpy as np
-    from trainer import data, metrics, plots, storage
+    from trainer import metrics, plots, sources as sources_lib, storage
     config = apply_overrides(runs.read_config(options.model_dir), options.overrides)
     path = runs.checkpoint_path(options.model_dir, options.checkpoint)
     model = runs.load_model(path)
     runs.check_model_fits(model, config, path)
     other_tree = options.overrides.get("test_dir") is not None
-    examples, root, split = test_set(config, other_tree)
+    examples, root, split, source_roots = test_set(config, other_tree)
     classes = config.data.classes
     logging.info("evaluating %s on %d images (%s)", path, len(examples), root)
 
@@ -147,7 +151,7 @@ def evaluate(options: Options) -> tuple[str, dict]:
     results["operating_point"] = {
         "class": classes[covid],
         **(metrics.operating_point(labels, probs, covid, options.covid_sensitivity) or {})}
-    sources = data.read_sources(root, examples)
+    sources = sources_lib.tree_sources(examples, source_roots)
     if sources is not None:
         results["sources"] = metrics.source_breakdown(sources, labels, preds, classes)
     results.update(model_dir=options.model_dir, checkpoint=path, test_root=root, split=split,

@@ -18,7 +18,8 @@ def define_config_flags() -> None:
     """One flag per config leaf (default None = 'not set', so YAML values stand)."""
     if "model" in FLAGS:
         return
-    flags.DEFINE_string("model", None, "Experiment name: configs/NAME.yaml (vanilla, inception).")
+    flags.DEFINE_string("model", None, "Experiment name: configs/NAME.yaml (vanilla, inception, "
+                        "robust, robust-densenet).")
     flags.DEFINE_string("config", None, "Path of a YAML config (local or gs://) instead of --model.")
     for name, (section, leaf) in config_lib.leaf_fields().items():
         kind = config_lib.field_type(section, name)

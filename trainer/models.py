@@ -1,9 +1,12 @@
 """One registry of models: name -> builder, plus base-weight loading (imagenet / none / file).
 
-Builders take uint8 pixels and scale them in their first layer (the tutorial's x/255, or
-Keras' inception [-1, 1]), so training, evaluation and serving feed the same tensors and the
-input pipeline never makes a float copy of an image. Keras is imported inside the builders
-so that config validation can read the registry before TensorFlow starts.
+Builders take uint8 pixels and scale them in a float32 layer (the tutorial's x/255, Keras'
+inception [-1, 1], or torch-style ImageNet mean/std), so training, evaluation and serving feed
+the same tensors and the input pipeline never makes a float copy of an image. Before the
+scaling, when configured: the border crop, the intensity normalisation (intensity.py) and the
+training-only augmentation (augment.py), all on [0, 255] pixel values, so every consumer of
+the model gets them. Keras is imported inside the builders so that config validation can read
+the registry before TensorFlow starts.
 """
 from __future__ import annotations
 
@@ -12,24 +15,33 @@ import os
 import tempfile
 from typing import Callable
 
-from trainer.config import ModelConfig
+from trainer.config import AugmentConfig, ModelConfig, border_pixels
 from trainer.errors import ConfigError
 
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 IMAGENET_NOTOP_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+# ImageNet statistics for torch-style preprocessing (keras.applications.densenet.preprocess_input)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     builder: Callable
     min_image_size: int
+    # What preprocess=auto means with ImageNet weights (inception's [-1, 1] unless the
+    # architecture says otherwise, as before DenseNet joined).
+    imagenet_preprocess: str = "inception"
+    imagenet_weights: str = ""  # Keras' no-top ImageNet weights: their path under KERAS_WEIGHTS_URL
 
 
 REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, min_image_size: int) -> Callable:
+def register(name: str, min_image_size: int, imagenet_preprocess: str = "inception",
+             imagenet_weights: str = "") -> Callable:
     def add(builder: Callable) -> Callable:
-        REGISTRY[name] = ModelSpec(builder, min_image_size)
+        REGISTRY[name] = ModelSpec(builder, min_image_size, imagenet_preprocess, imagenet_weights)
         return builder
     return add
 
@@ -39,31 +51,58 @@ def min_image_sizes() -> dict[str, int]:
 
 
 def preprocess_mode(model: ModelConfig) -> str:
-    """'auto' means Keras' inception scaling for ImageNet weights, the tutorial's otherwise."""
+    """'auto' means the architecture's ImageNet scaling (inception's [-1, 1], DenseNet's torch
+    mean/std) with ImageNet weights, the tutorial's x/255 otherwise."""
     if model.preprocess != "auto":
         return model.preprocess
-    return "inception" if model.weights == "imagenet" else "tutorial"
+    if model.weights != "imagenet":
+        return "tutorial"
+    spec = REGISTRY.get(model.architecture)
+    return spec.imagenet_preprocess if spec else "inception"
 
 
-def build(model: ModelConfig, image_size: int, n_classes: int):
+def build(model: ModelConfig, image_size: int, n_classes: int,
+          augment: AugmentConfig | None = None):
     """Builds the configured model (call inside the strategy scope)."""
     if model.architecture not in REGISTRY:
         raise ConfigError(f"unknown model '{model.architecture}'; "
                           f"choose one of {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[model.architecture].builder(model, image_size, n_classes)
+    return REGISTRY[model.architecture].builder(model, image_size, n_classes,
+                                                augment or AugmentConfig())
 
 
-def _inputs_and_scaling(model: ModelConfig, image_size: int):
-    """uint8 RGB pixels in, scaled floats out. The scaling computes in float32 even under a
-    mixed-precision policy (the next layer casts), so its result does not depend on it."""
+def _scaling_layer(model: ModelConfig):
+    from trainer.keras_api import keras
+    mode = preprocess_mode(model)
+    if mode == "inception":
+        return keras.layers.Rescaling(2 / 255, offset=-1.0, name="inception_scaling",
+                                      dtype="float32")
+    if mode == "torch":  # (x / 255 - mean) / std per channel, as one affine map
+        return keras.layers.Rescaling([1 / (255 * s) for s in TORCH_STD],
+                                      offset=[-m / s for m, s in zip(TORCH_MEAN, TORCH_STD)],
+                                      name="torch_scaling", dtype="float32")
+    return keras.layers.Rescaling(1 / 255, name="scaling", dtype="float32")
+
+
+def _inputs_and_scaling(model: ModelConfig, image_size: int, augment: AugmentConfig):
+    """uint8 RGB pixels in, scaled floats out: border crop, intensity normalisation and
+    augmentation (each only when configured; all on [0, 255] values), then the scaling. Every
+    one computes in float32 even under a mixed-precision policy (the next layer casts), so its
+    result does not depend on it. With none configured the graph is input -> scaling."""
+    from trainer import augment as augment_lib, intensity
     from trainer.keras_api import keras
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
-    if preprocess_mode(model) == "inception":
-        scaling = keras.layers.Rescaling(2 / 255, offset=-1.0, name="inception_scaling",
-                                         dtype="float32")
-    else:
-        scaling = keras.layers.Rescaling(1 / 255, name="scaling", dtype="float32")
-    return inputs, scaling(inputs)
+    x = inputs
+    crop = border_pixels(image_size, model.border_crop)
+    if crop:
+        x = keras.layers.Cropping2D(crop, name="border_crop", dtype="float32")(x)
+    normalization = intensity.normalization_layer(model.intensity, model.percentile_low,
+                                                  model.percentile_high)
+    if normalization is not None:
+        x = normalization(x)
+    for layer in augment_lib.layers(augment):
+        x = layer(x)
+    return inputs, _scaling_layer(model)(x)
 
 
 def feed(model, pixels):
@@ -98,11 +137,11 @@ def _classifier(x, n_classes: int):
 
 
 @register("vanilla", min_image_size=4)
-def build_vanilla(model: ModelConfig, image_size: int, n_classes: int):
+def build_vanilla(model: ModelConfig, image_size: int, n_classes: int, augment: AugmentConfig):
     """The tutorial's ConvNet: Conv(32, 3x3) -> MaxPool -> Dropout(0.5) -> Dense(256) -> softmax."""
     from trainer.keras_api import keras
     layers = keras.layers
-    inputs, x = _inputs_and_scaling(model, image_size)
+    inputs, x = _inputs_and_scaling(model, image_size, augment)
     x = layers.Conv2D(32, (3, 3), activation="relu", name="conv")(x)
     x = layers.MaxPooling2D((2, 2))(x)
     x = layers.Dropout(0.5)(x)
@@ -111,30 +150,75 @@ def build_vanilla(model: ModelConfig, image_size: int, n_classes: int):
     return keras.Model(inputs, _classifier(x, n_classes), name="vanilla")
 
 
-@register("inception", min_image_size=75)
-def build_inception(model: ModelConfig, image_size: int, n_classes: int):
-    """InceptionV3 base (trainable) + the tutorial's head 200-100-50 with dropout 0.5."""
+@register("small_cnn", min_image_size=16)
+def build_small_cnn(model: ModelConfig, image_size: int, n_classes: int, augment: AugmentConfig):
+    """Four blocks of Conv(3x3, no bias) -> BatchNorm -> ReLU -> MaxPool (16, 32, 64, 128
+    filters), global average pooling, Dropout(0.3), softmax: about 100k weights, so it trains
+    on a CPU at 96-128 px (configs/robust.yaml)."""
     from trainer.keras_api import keras
     layers = keras.layers
-    inputs, x = _inputs_and_scaling(model, image_size)
-    base = keras.applications.InceptionV3(include_top=False, weights=None,
-                                          input_shape=(image_size, image_size, 3))
-    load_base_weights(base, model.weights)
-    x = base(x)
+    inputs, x = _inputs_and_scaling(model, image_size, augment)
+    for i, filters in enumerate((16, 32, 64, 128)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+        x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
+        x = layers.ReLU(name=f"relu{i + 1}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.3)(x)
+    return keras.Model(inputs, _classifier(x, n_classes), name="small_cnn")
+
+
+def _head(x):
+    """The tutorial's transfer head: GAP -> Flatten -> Dense 200-100-50 (ReLU), Dropout 0.5 each."""
+    from trainer.keras_api import keras
+    layers = keras.layers
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Flatten()(x)
     for units in (200, 100, 50):
         x = layers.Dense(units, activation="relu")(x)
         x = layers.Dropout(0.5)(x)
-    return keras.Model(inputs, _classifier(x, n_classes), name="inception")
+    return x
 
 
-def load_base_weights(base, weights: str) -> None:
+def _transfer(application, name: str, model: ModelConfig, image_size: int, n_classes: int,
+              augment: AugmentConfig):
+    """A keras.applications base (trainable, weights from ``model.weights``) + the head."""
+    from trainer.keras_api import keras
+    inputs, x = _inputs_and_scaling(model, image_size, augment)
+    side = x.shape[1]  # image_size less the border crop
+    base = application(include_top=False, weights=None, input_shape=(side, side, 3))
+    load_base_weights(base, model.weights, REGISTRY[name].imagenet_weights)
+    x = _head(base(x))
+    return keras.Model(inputs, _classifier(x, n_classes), name=name)
+
+
+@register("inception", min_image_size=75, imagenet_preprocess="inception",
+          imagenet_weights=f"inception_v3/{IMAGENET_NOTOP_FILE}")
+def build_inception(model: ModelConfig, image_size: int, n_classes: int, augment: AugmentConfig):
+    """InceptionV3 base (trainable) + the tutorial's head 200-100-50 with dropout 0.5."""
+    from trainer.keras_api import keras
+    return _transfer(keras.applications.InceptionV3, "inception", model, image_size, n_classes,
+                     augment)
+
+
+@register("densenet121", min_image_size=32, imagenet_preprocess="torch",
+          imagenet_weights="densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5")
+def build_densenet121(model: ModelConfig, image_size: int, n_classes: int,
+                      augment: AugmentConfig):
+    """DenseNet-121 base (trainable; Chowdhury et al. used DenseNet on this task) + the same
+    head as the inception model."""
+    from trainer.keras_api import keras
+    return _transfer(keras.applications.DenseNet121, "densenet121", model, image_size,
+                     n_classes, augment)
+
+
+def load_base_weights(base, weights: str,
+                      imagenet_weights: str = f"inception_v3/{IMAGENET_NOTOP_FILE}") -> None:
     """Loads 'imagenet' (Keras' cache or download), nothing for 'none', or a file (local/gs://)."""
     if weights == "none":
         return
     if weights == "imagenet":
-        weights = _imagenet_file()
+        weights = _imagenet_file(imagenet_weights)
     try:
         with _local_copy(weights) as local:
             base.load_weights(local)
@@ -143,20 +227,21 @@ def load_base_weights(base, weights: str) -> None:
                           f"{str(err).splitlines()[0][:200]}") from None
 
 
-def _imagenet_file() -> str:
-    """Keras' cached ImageNet weights for the InceptionV3 base, downloading them if needed."""
+def _imagenet_file(imagenet_weights: str) -> str:
+    """Keras' cached no-top ImageNet weights (``folder/file`` under KERAS_WEIGHTS_URL),
+    downloading them if needed."""
     from trainer.keras_api import keras
-    cached = os.path.join(os.path.expanduser("~"), ".keras", "models", IMAGENET_NOTOP_FILE)
+    filename = os.path.basename(imagenet_weights)
+    cached = os.path.join(os.path.expanduser("~"), ".keras", "models", filename)
     if os.path.isfile(cached):
         return cached
-    url = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
-           + IMAGENET_NOTOP_FILE)
+    url = KERAS_WEIGHTS_URL + imagenet_weights
     try:
-        return keras.utils.get_file(IMAGENET_NOTOP_FILE, url, cache_subdir="models")
+        return keras.utils.get_file(filename, url, cache_subdir="models")
     except Exception as err:  # any network failure: the message below says what to do
         raise ConfigError(
             f"--weights=imagenet: cannot download the ImageNet weights ({type(err).__name__}); "
-            f"this machine may be offline. Download {IMAGENET_NOTOP_FILE} elsewhere and pass "
+            f"this machine may be offline. Download {filename} elsewhere and pass "
             f"--weights=PATH (local or gs://), or put it in ~/.keras/models/") from None
 
 

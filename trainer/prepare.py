@@ -184,13 +184,10 @@ def check_only(config: config_lib.Config, src: str) -> None:
 def with_sources(splits, data_config):
     """Each image with its source (trainer.sources: manifest.csv or the metadata sheets of the
     tree it comes from), '' where nothing says; the dataset stores it per record."""
-    from trainer import data
-    trees = [data_config.data_dir] + ([data_config.test_dir] if data_config.test_dir else [])
+    from trainer import data, sources
     every = [e for name in data.SPLITS for e in getattr(splits, name)]
-    found = {}
-    for tree in reversed(trees):  # a test_dir inside data_dir is still its own tree
-        mine = [e for e in every if e.path.startswith(tree.rstrip("/")) and e.path not in found]
-        found.update(zip((e.path for e in mine), data.read_sources(tree, mine) or [""] * len(mine)))
+    named = sources.tree_sources(every, [data_config.data_dir, data_config.test_dir]) or []
+    found = {e.path: "" if s == sources.UNKNOWN else s for e, s in zip(every, named)}
     parts = {name: [dataclasses.replace(e, source=found.get(e.path, "")) for e in getattr(splits, name)]
              for name in data.SPLITS}
     return data.Splits(splits.classes, parts["train"], parts["val"], parts["test"])

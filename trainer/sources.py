@@ -133,3 +133,25 @@ def site(url: str) -> str:
         parts = [p for p in parsed.path.split("/") if p][:2]
         return "/".join([host, *parts])
     return host
+
+
+def tree_sources(examples: list, roots: list[str]) -> list[str] | None:
+    """Each example's source as read under the root folder it lies in (the longest root that
+    holds it), so a test split that mixes trees (``--test_dir`` plus held-out sources of the
+    data folder) is broken down by the sources of both; an image of a prepared dataset carries
+    its own. None when nothing names any."""
+    found = [getattr(e, "source", "") or UNKNOWN for e in examples]
+    placed = [bool(getattr(e, "source", "")) for e in examples]
+    any_named = any(placed)
+    for root in sorted({r for r in roots if r}, key=len, reverse=True):
+        prefix = root.rstrip("/") + "/"
+        mine = [i for i, e in enumerate(examples) if not placed[i] and e.path.startswith(prefix)]
+        for i in mine:
+            placed[i] = True
+        named = read_sources(root, [examples[i] for i in mine]) if mine else None
+        if named is None:
+            continue
+        any_named = True
+        for i, source in zip(mine, named):
+            found[i] = source
+    return found if any_named else None

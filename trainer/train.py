@@ -11,14 +11,14 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import callbacks, checkpoints, config as config_lib, data, datacheck, distribute, \
-    export, metrics, models, storage
+    export, metrics, models, sources as sources_lib, storage
 from trainer.config import Config
 from trainer.errors import DataError, Preempted, RunDirError, TrainerError
 from trainer.keras_api import keras
 
 RUN_ARTIFACTS = ("config.yaml", "checkpoints", "backup", "logs", "history.csv",
                  "metrics.json", "export")
-COMPARED_SECTIONS = ("data", "model", "train")
+COMPARED_SECTIONS = ("data", "model", "augment", "train")
 
 
 def default_model_dir(architecture: str, now: datetime.datetime | None = None) -> str:
@@ -176,7 +176,7 @@ def evaluate(model, examples: list[data.Example], config: Config) -> dict:
     probs = model.predict(test_ds, verbose=0)
     labels = np.array([e.label for e in examples])
     report = metrics.per_class(labels, probs, config.data.classes)
-    sources = data.read_sources(config.data.data_dir, examples)
+    sources = sources_lib.tree_sources(examples, [config.data.data_dir, config.data.test_dir])
     if sources:  # accuracy per hospital/source: a model may have learnt the source, not the disease
         report["sources"] = metrics.source_breakdown(sources, labels, probs.argmax(axis=1),
                                                      config.data.classes)
@@ -243,7 +243,8 @@ def run(config: Config) -> dict:
     learning_rate = scaled_learning_rate(config, replicas)
     with strategy.scope():
         keras.utils.set_random_seed(config.data.seed)
-        model = models.build(config.model, config.data.image_size, len(splits.classes))
+        model = models.build(config.model, config.data.image_size, len(splits.classes),
+                             config.augment)
         compile_model(model, config, learning_rate)
 
     batch = config.train.batch_size * replicas  # batch_size is per replica

@@ -1,0 +1,226 @@
+"""What augmentation costs: the input pipeline with and without it, and the train step.
+
+    python bench/augment_cost.py --data=../shared/data/cxr3 --reps=7 --steps=4
+    python bench/augment_cost.py --generate --reps=3         # 600 generated 224 px JPEGs
+    python bench/augment_cost.py --parts=robust              # only configs/robust.yaml's step
+
+Augmentation lives in the model (trainer/augment.py), so ``data.make_dataset`` should not
+change at all when the config turns it on. Part 1 (pipeline) times full passes over the
+training split at 50 px (fresh dataset each pass: decode, resize, cache, batch 250) with
+augment off and on, alternating, and reports the median (and best) images/s of each and their
+ratios (expected ~1.0: the same pipeline). Part 2 (step) times the vanilla model's train step
+(50 px, batch 250, uint8 batches already in memory) without augmentation, with the default
+augmentation (zoom, shift, rotation, brightness, contrast, gamma) and with every layer on
+(plus blur and noise): median seconds per step over --reps repetitions of --steps steps (and
+the best), after a warm-up, ratios against the plain model. Part 3 (robust) times the train
+step of configs/robust.yaml (small_cnn, 96 px, batch 32, its augmentation and normalisation)
+and turns it into minutes per epoch and per 30 epochs for cxr3's training split (2,645 images
+with that recipe's split). All in one process, interleaved, so the ratios come from the same
+machine state; on a shared machine the best-of figures are the steadier estimate.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SIZE, BATCH = 50, 250
+
+
+def generate(root: Path, per_class: int = 200, seed: int = 0) -> Path:
+    """224 px grey JPEGs in the three class folders (smooth shapes plus noise)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:224, 0:224] / 224
+    for cls in ("COVID-19", "NORMAL", "Viral Pneumonia"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            cx, cy, r = rng.uniform(0.3, 0.7, 2).tolist() + [rng.uniform(0.2, 0.4)]
+            body = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+            image = 60 + 150 * body + rng.normal(0, 12, (224, 224))
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "L").convert("RGB").save(
+                root / cls / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def pipeline_pass(examples, data_config) -> float:
+    """Images per second for one full pass over a freshly built dataset."""
+    from trainer import data
+    ds = data.make_dataset(examples, data_config, BATCH, training=True)
+    start = time.perf_counter()
+    n = sum(int(images.shape[0]) for images, _ in ds)
+    return n / (time.perf_counter() - start)
+
+
+def bench_pipeline(data_dir: str, reps: int) -> dict:
+    from trainer import config as config_lib, data
+    results = {}
+    configs = {}
+    for name, on in (("off", False), ("on", True)):
+        config = config_lib.load("vanilla", overrides={"data_dir": data_dir, "augment": on,
+                                                       "check": False})
+        configs[name] = config
+    examples = data.make_splits(configs["off"].data).train
+    assert data.make_splits(configs["on"].data).train == examples
+    rates = {"off": [], "on": []}
+    pipeline_pass(examples, configs["off"].data)  # warm the file cache and tf.data
+    for rep in range(reps):  # alternating which goes first, so drifting load hits both alike
+        for name in (("off", "on") if rep % 2 == 0 else ("on", "off")):
+            rates[name].append(pipeline_pass(examples, configs[name].data))
+    for name, values in rates.items():
+        results[name] = {"images_per_s": statistics.median(values), "best": max(values),
+                         "runs": values}
+    results["ratio_on_over_off"] = results["on"]["images_per_s"] / results["off"]["images_per_s"]
+    results["ratio_best"] = results["on"]["best"] / results["off"]["best"]
+    results["images"] = len(examples)
+    return results
+
+
+def step_time(model, x, y, steps: int, reps: int) -> list[float]:
+    """Seconds per train step, one value per repetition of ``steps`` steps."""
+    for _ in range(3):  # trace and warm up
+        model.train_on_batch(x, y)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.train_on_batch(x, y)
+        times.append((time.perf_counter() - start) / steps)
+    return times
+
+
+def bench_train_step(steps: int, reps: int) -> dict:
+    import numpy as np
+    from trainer import config as config_lib, models, train
+    from trainer.keras_api import keras
+    config = config_lib.load("vanilla")
+    variants = {
+        "none": config_lib.AugmentConfig(),
+        "default": config_lib.AugmentConfig(augment=True),
+        "all": dataclasses.replace(config_lib.AugmentConfig(augment=True), noise=0.02, blur=1.0),
+    }
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
+    y = keras.utils.to_categorical(np.arange(BATCH) % 3, 3)
+    built = {}
+    for name, augment in variants.items():
+        keras.utils.set_random_seed(28)
+        model = models.build(config.model, SIZE, 3, augment)
+        train.compile_model(model, config)
+        built[name] = model
+    times = {name: [] for name in variants}
+    for name, model in built.items():  # warm-up of every model first
+        step_time(model, x, y, 1, 1)
+    order = list(built)
+    for rep in range(reps):  # interleaved and rotated, so drifting load hits every variant alike
+        for name in order[rep % 3:] + order[:rep % 3]:
+            times[name] += step_time(built[name], x, y, steps, 1)
+    results = {name: {"s_per_step": statistics.median(t), "best": min(t), "runs": t}
+               for name, t in times.items()}
+    for name in ("default", "all"):
+        results[f"ratio_{name}_over_none"] = (results[name]["s_per_step"]
+                                              / results["none"]["s_per_step"])
+        results[f"ratio_best_{name}_over_none"] = results[name]["best"] / results["none"]["best"]
+    return results
+
+
+ROBUST_TRAIN_IMAGES = 2645  # cxr3's training split under configs/robust.yaml
+
+
+def bench_robust(steps: int, reps: int) -> dict:
+    import math
+    import numpy as np
+    from trainer import config as config_lib, models, train
+    from trainer.keras_api import keras
+    config = config_lib.load("robust")
+    size, batch = config.data.image_size, config.train.batch_size
+    keras.utils.set_random_seed(28)
+    model = models.build(config.model, size, 3, config.augment)
+    train.compile_model(model, config)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    y = keras.utils.to_categorical(np.arange(batch) % 3, 3)
+    times = step_time(model, x, y, steps, reps)
+    per_step = statistics.median(times)
+    steps_per_epoch = math.ceil(ROBUST_TRAIN_IMAGES / batch)
+    return {"s_per_step": per_step, "best": min(times), "runs": times,
+            "steps_per_epoch": steps_per_epoch,
+            "minutes_per_epoch": per_step * steps_per_epoch / 60,
+            "minutes_for_max_epochs": per_step * steps_per_epoch * config.train.epochs / 60,
+            "max_epochs": config.train.epochs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="", help="an image tree (one folder per class)")
+    parser.add_argument("--generate", action="store_true", help="use 600 generated JPEGs")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="train steps per repetition")
+    parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--parts", default="pipeline,step,robust",
+                        help="which parts to run (comma-separated)")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    results = {"command": " ".join(["python", "bench/augment_cost.py", *sys.argv[1:]]),
+               "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "pipeline" in parts:
+            data_dir = args.data or str(generate(Path(tmp) / "data"))
+            if not args.data and not args.generate:
+                print("no --data: using 600 generated 224 px JPEGs")
+            results["pipeline_50px"] = bench_pipeline(data_dir, args.reps)
+    if "step" in parts:
+        results["train_step_vanilla_50px_batch250"] = bench_train_step(args.steps, args.reps)
+    if "robust" in parts:
+        results["robust_train_step"] = bench_robust(args.steps, args.reps)
+    results["load_average_after"] = os.getloadavg()
+    report(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def report(results: dict, args) -> None:
+    if "pipeline_50px" in results:
+        report_pipeline(results["pipeline_50px"], args)
+    if "train_step_vanilla_50px_batch250" in results:
+        report_step(results["train_step_vanilla_50px_batch250"], args)
+    if "robust_train_step" in results:
+        r = results["robust_train_step"]
+        print(f"configs/robust.yaml train step (median of {args.reps} x {args.steps} steps): "
+              f"{r['s_per_step'] * 1000:.0f} ms (best {r['best'] * 1000:.0f}); "
+              f"{r['steps_per_epoch']} steps per cxr3 epoch: {r['minutes_per_epoch']:.2f} min, "
+              f"{r['max_epochs']} epochs {r['minutes_for_max_epochs']:.1f} min")
+    print(f"load average before {results['load_average']}, after {results['load_average_after']}")
+
+
+def report_pipeline(p: dict, args) -> None:
+    print(f"input pipeline, {p['images']} images at {SIZE} px, batch {BATCH} (median of "
+          f"{args.reps} passes each):")
+    print(f"  augment off {p['off']['images_per_s']:8.0f} images/s (best {p['off']['best']:.0f})")
+    print(f"  augment on  {p['on']['images_per_s']:8.0f} images/s (best {p['on']['best']:.0f})"
+          f"   ratio on/off {p['ratio_on_over_off']:.3f} (best {p['ratio_best']:.3f})")
+
+
+def report_step(t: dict, args) -> None:
+    print(f"vanilla train step at {SIZE} px, batch {BATCH} (median of {args.reps} x "
+          f"{args.steps} steps):")
+    for name in ("none", "default", "all"):
+        ratio = t.get(f"ratio_{name}_over_none", 1.0)
+        best = t.get(f"ratio_best_{name}_over_none", 1.0)
+        print(f"  augmentation {name:<8} {t[name]['s_per_step'] * 1000:7.1f} ms/step (best "
+              f"{t[name]['best'] * 1000:.1f})   ratio {ratio:.3f} (best {best:.3f})")
+
+
+if __name__ == "__main__":
+    main()
