@@ -27,8 +27,7 @@ def run_dir(tmp_path_factory) -> Path:
     config = config_lib.load("vanilla", overrides={"image_size": 16, "model_dir": str(root)})
     (root / "checkpoints").mkdir(parents=True)
     (root / "config.yaml").write_text(config_lib.to_yaml(config))
-    model = models.build(config.model, 16, 3)
-    model.compile(loss="categorical_crossentropy")
+    model = models.build(config.model, 16, 3)  # uncompiled: no optimizer state to skip on load
     checkpoints.save(model, str(root / "checkpoints" / "best.keras"))
     return root
 
@@ -120,3 +119,14 @@ def test_a_float_input_checkpoint_still_gets_unit_range_images(files, tmp_path):
     expected = old.predict(data.decode_image(Path(files["png"]).read_bytes(), 16)[None], verbose=0)
     assert not errors
     np.testing.assert_allclose(results[0][1], expected[0], rtol=1e-6)
+
+
+def test_cli_console_shows_no_tensorflow_start_up_lines(run_dir, files):
+    """Without the user's TF_CPP_MIN_LOG_LEVEL, TensorFlow's import and device start print
+    nothing (on a CPU machine they printed a cuInit 'E0000' line and CUDA-driver notices)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-m", "trainer.predict", f"--model_dir={run_dir}",
+                           files["png"]], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.splitlines()[1].startswith(files["png"])

@@ -9,7 +9,7 @@ from typing import Callable
 
 from absl import app, logging
 
-from trainer import flags as trainer_flags
+from trainer import flags as trainer_flags, tf_log
 from trainer.errors import ExitStatus, TrainerError
 
 
@@ -22,7 +22,6 @@ class _QuietTensorFlow(py_logging.Filter):
 
 
 def setup_logging(verbosity: int = logging.INFO) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.set_verbosity(verbosity)
     logging.get_absl_logger().addFilter(_QuietTensorFlow())
 
@@ -45,5 +44,7 @@ def guarded(body: Callable[[list[str]], int | None], positional: bool = False,
 
 
 def run(body: Callable[[list[str]], int | None], **options) -> None:
-    """Parses the flags (one error line, exit 2 on bad ones) and runs ``body``."""
+    """Parses the flags (one error line, exit 2 on bad ones) and runs ``body``, with
+    TensorFlow's start-up notices kept off the console (see tf_log)."""
+    tf_log.quiet()
     app.run(guarded(body, **options), flags_parser=trainer_flags.parse_or_exit)

@@ -128,7 +128,7 @@ def gradcam_figure(model, examples, picked, probs, config: Config) -> bytes:
 def evaluate(options: Options) -> tuple[str, dict]:
     """Loads, predicts, measures, draws and writes; returns the output folder and metrics."""
     import numpy as np
-    from trainer import data, metrics, plots, storage
+    from trainer import data, distribute, metrics, plots, storage
     config = apply_overrides(runs.read_config(options.model_dir), options.overrides)
     path = runs.checkpoint_path(options.model_dir, options.checkpoint)
     model = runs.load_model(path)
@@ -136,6 +136,7 @@ def evaluate(options: Options) -> tuple[str, dict]:
     other_tree = options.overrides.get("test_dir") is not None
     examples, root, split = test_set(config, other_tree)
     classes = config.data.classes
+    logging.info("%s", distribute.local_device_line("evaluating"))
     logging.info("evaluating %s on %d images (%s)", path, len(examples), root)
 
     probs = predict_probabilities(model, examples, config)
