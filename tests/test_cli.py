@@ -1,6 +1,7 @@
 """The entry points' console: TensorFlow's start-up notices, and what the commands import."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -63,3 +64,86 @@ def test_entry_points_import_no_tensorflow_before_their_flags_are_parsed():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# --- --help ---------------------------------------------------------------------------------
+
+def _command(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"trainer.{module}", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def _usage(module: str):
+    import importlib
+    return importlib.import_module(f"trainer.{module}").USAGE
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+@pytest.mark.parametrize("help_flag", ["--help", "-h", "--helpfull"])
+def test_help_is_usage_then_every_flag_with_its_default_and_exits_0(module, help_flag):
+    from trainer import config as config_lib, helptext
+    proc = _command(module, help_flag)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"usage: python -m trainer.{module} ")
+    assert all(line.startswith(f"   e.g. python -m trainer.{module} ") for line in lines[1:3])
+    assert lines[3] == "" and proc.stderr == ""
+    usage = _usage(module)
+    heads = {re.match(r"  --(?:\[no\])?(\w+)", line).group(1): line for line in lines
+             if line.startswith("  --")}
+    for name in usage.flags:
+        head = heads.get(name)
+        assert head, f"--{name} missing from {module} --help"
+        shows_default = usage.defaults == helptext.RECIPE and name in config_lib.leaf_fields()
+        assert ("(default: " in head) or not shows_default, head
+    if help_flag != "--helpfull":
+        assert max(map(len, lines)) <= helptext.WIDTH
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_help_lists_every_flag_the_command_defines(module):
+    """A flag defined for a command but left out of its help would be invisible (evaluate's
+    --gradcam, predict's --format and prepare's --src were, before)."""
+    from absl import flags
+    usage = _usage(module)
+    defined = {f.name for f in flags.FLAGS.flags_by_module_dict().get(f"trainer.{module}", [])}
+    assert defined <= set(usage.flags), defined - set(usage.flags)
+
+
+@pytest.mark.parametrize("args, shown", [
+    ([], ["--image_size=N  (default: 50)", "--batch_size=N  (default: 250)",
+          "--weights=imagenet|none|FILE  (default: none)", "configs/vanilla.yaml"]),
+    (["--model=inception"], ["--image_size=N  (default: 256)", "--batch_size=N  (default: 15)",
+                             "--weights=imagenet|none|FILE  (default: imagenet)",
+                             "configs/inception.yaml"]),
+    ([], ["--cache=auto|memory|none  (default: auto)", "--[no]check  (default: true)",
+          "--strategy=auto|default|one_device|mirrored|multi_worker  (default: auto)"]),
+])
+def test_task_help_shows_the_chosen_recipes_defaults_and_allowed_values(args, shown):
+    proc = _command("task", *args, "--help")
+    assert proc.returncode == 0, proc.stderr
+    for text in shown:
+        assert text in proc.stdout, text
+
+
+def test_evaluate_help_shows_the_runs_own_values(tmp_path):
+    from trainer import config as config_lib
+    config = config_lib.load("vanilla", overrides={"batch_size": 7})
+    (tmp_path / "config.yaml").write_text(config_lib.to_yaml(config))
+    proc = _command("evaluate", f"--model_dir={tmp_path}", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--batch_size=N  (default: 7)" in proc.stdout
+    assert f"default to {tmp_path / 'config.yaml'}" in proc.stdout
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("task", ["--model=resnet", "--help"], "unknown model 'resnet' (--model)"),
+    ("task", ["--epochs=ten", "--help"], "flag --epochs=ten"),
+    ("predict", ["--model_dir=RUN", "--image_size=64", "scan.png"],
+     "--image_size does not apply to predict"),
+])
+def test_bad_usage_next_to_help_is_one_error_line(module, args, message):
+    proc = _command(module, *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1

@@ -2,6 +2,7 @@
 TrainerError into one ``error:`` line on stderr and its exit status."""
 from __future__ import annotations
 
+import functools
 import logging as py_logging
 import os
 import sys
@@ -43,8 +44,10 @@ def guarded(body: Callable[[list[str]], int | None], positional: bool = False,
     return main
 
 
-def run(body: Callable[[list[str]], int | None], **options) -> None:
-    """Parses the flags (one error line, exit 2 on bad ones) and runs ``body``, with
-    TensorFlow's start-up notices kept off the console (see tf_log)."""
+def run(body: Callable[[list[str]], int | None], usage=None, **options) -> None:
+    """Parses the flags (one error line, exit 2 on bad ones; ``--help`` prints ``usage``, a
+    helptext.Usage) and runs ``body``, with TensorFlow's start-up notices kept off the
+    console (see tf_log)."""
     tf_log.quiet()
-    app.run(guarded(body, **options), flags_parser=trainer_flags.parse_or_exit)
+    app.run(guarded(body, **options),
+            flags_parser=functools.partial(trainer_flags.parse_or_exit, usage=usage))

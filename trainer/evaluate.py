@@ -13,7 +13,7 @@ import re
 
 from absl import flags, logging
 
-from trainer import cli, config as config_lib, flags as trainer_flags, runs
+from trainer import cli, config as config_lib, flags as trainer_flags, helptext, runs
 from trainer.config import Config
 from trainer.errors import ConfigError
 
@@ -32,6 +32,20 @@ flags.DEFINE_float("covid_sensitivity", 0.95, "Target sensitivity of the COVID-1
 EVAL_OVERRIDES = ("data_dir", "test_dir", "batch_size", "cache", "cache_limit_mb", "autotune",
                   "model_dir")
 DISPLAY_SIZE = 160  # Grad-CAM panels, pixels
+
+USAGE = helptext.Usage(
+    ("python -m trainer.evaluate --model_dir=RUN [--checkpoint=best|last|FILE] [--gradcam=N]",
+     "python -m trainer.evaluate --model_dir=runs/vanilla-20260102-030405 --gradcam=4",
+     "python -m trainer.evaluate --model_dir=RUN --checkpoint=last --test_dir=/data/hospital-b"),
+    ("model_dir", "checkpoint", "eval_name", "gradcam", "covid_sensitivity",
+     *EVAL_OVERRIDES[:-1]),
+    defaults=helptext.RUN,
+    help=(("model_dir", "The run to evaluate (the folder training wrote), local or gs://. "
+           "Writes RUN/eval/<name>/: report.md and .html, metrics.json, predictions.csv, PNGs."),
+          ("data_dir", "Where the run's training tree is now, if it moved: the test split is "
+           "recomputed from it with the run's seed. Default: the run's data_dir."),
+          ("test_dir", "Evaluate on every image of this tree (one folder per class) instead of "
+           "the run's test split, e.g. another hospital's images.")))
 
 
 @dataclasses.dataclass
@@ -324,7 +338,7 @@ def evaluate_from_flags(argv: list[str]) -> None:
 
 
 def run() -> None:
-    cli.run(evaluate_from_flags)
+    cli.run(evaluate_from_flags, usage=USAGE)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 
 from absl import flags, logging
 
-from trainer import cli, flags as trainer_flags, runs
+from trainer import cli, flags as trainer_flags, helptext, runs
 from trainer.errors import ConfigError, DataError, ExitStatus
 
 trainer_flags.define_config_flags()
@@ -22,6 +22,15 @@ trainer_flags.define_checkpoint_flag()
 flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format on stdout.")
 
 CHUNK = 64  # images decoded and predicted together
+
+USAGE = helptext.Usage(
+    ("python -m trainer.predict --model_dir=RUN [--format=json|csv] IMAGE_OR_DIR...",
+     "python -m trainer.predict --model_dir=runs/vanilla-20260102-030405 scan.png",
+     "python -m trainer.predict --model_dir=RUN --format=csv folder/ > predictions.csv"),
+    ("model_dir", "checkpoint", "format"),
+    defaults=helptext.RUN,
+    help=(("model_dir", "The run whose model predicts (the folder training wrote), local or "
+           "gs://. Its config.yaml fixes the image size and classes."),))
 
 
 def expand(paths: list[str]) -> tuple[list[str], list[str]]:
@@ -114,6 +123,11 @@ def predict(model_dir: str, paths: list[str], checkpoint: str = "best",
 
 def predict_from_flags(argv: list[str]) -> int:
     f = trainer_flags.FLAGS
+    ignored = [name for name in ("model", "config", *trainer_flags.overrides())
+               if name != "model_dir" and f[name].value is not None]
+    if ignored:
+        raise ConfigError(f"--{ignored[0]} does not apply to predict: the run's config.yaml fixes "
+                          "it (predict takes --model_dir, --checkpoint, --format and images)")
     text, errors = predict(f.model_dir or "", argv[1:], f.checkpoint, f.format)
     if text:
         print(text)
@@ -123,7 +137,7 @@ def predict_from_flags(argv: list[str]) -> int:
 
 
 def run() -> None:
-    cli.run(predict_from_flags, positional=True, verbosity=logging.WARNING)
+    cli.run(predict_from_flags, usage=USAGE, positional=True, verbosity=logging.WARNING)
 
 
 if __name__ == "__main__":

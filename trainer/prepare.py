@@ -24,7 +24,7 @@ import time
 
 from absl import flags, logging
 
-from trainer import cli, config as config_lib, flags as trainer_flags
+from trainer import cli, config as config_lib, flags as trainer_flags, helptext
 from trainer.errors import ConfigError, DataError
 
 PROGRESS = "progress.json"
@@ -41,6 +41,15 @@ flags.DEFINE_integer("workers", 8, "Threads that read and encode images.")
 flags.DEFINE_boolean("dry_run", False, "Print the plan (splits, counts, shards) and write nothing.")
 flags.DEFINE_boolean("check_only", False, "Only run the data check on --src (bad images, stray "
                      "files, duplicates, leakage) with training's split; write nothing.")
+
+
+USAGE = helptext.Usage(
+    ("python -m trainer.prepare --src=DIR --dst=DIR [--max_side=N] [--dry_run | --check_only]",
+     "python -m trainer.prepare --src=/data/cxr --dst=/data/cxr-prepared --dry_run",
+     "python -m trainer.prepare --check_only --src=/data/cxr   (the data check alone)"),
+    ("src", "dst", "max_side", "shard_mb", "workers", "dry_run", "check_only", "model", "config",
+     "test_dir", "classes", "seed", "validation_split", "test_per_class", "holdout_sources",
+     "check", "on_bad_image", "on_leak", "min_image_side"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +341,7 @@ def prepare_from_flags(argv: list[str]) -> None:
 
 
 def run() -> None:
-    cli.run(prepare_from_flags)
+    cli.run(prepare_from_flags, usage=USAGE)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 
 from absl import flags, logging
 
-from trainer import cli
+from trainer import cli, helptext
 from trainer.errors import ConfigError, ExitStatus, TrainerError
 
 BEST_ONLY = ("config.yaml", "metrics.json", "history.csv", "checkpoints/best.keras",
@@ -27,6 +27,12 @@ BEST_ONLY_FOLDERS = ("export/",)
 flags.DEFINE_boolean("best_only", False, "Only config.yaml, the best checkpoint, metrics.json, "
                      "history.csv and export/ (no last checkpoint, logs or backup).")
 flags.DEFINE_boolean("force", False, "Replace local files that differ from the bucket's.")
+
+USAGE = helptext.Usage(
+    ("python -m trainer.pull gs://BUCKET/runs/NAME [DEST] [--best_only] [--force]",
+     "python -m trainer.pull gs://my-bucket/runs/v1    (into ./runs/v1)",
+     "python -m trainer.pull gs://my-bucket/runs/v1 /tmp/v1 --best_only"),
+    ("best_only", "force"))
 
 
 class TransferError(TrainerError):
@@ -146,7 +152,7 @@ def pull_from_flags(argv: list[str]) -> int | None:
 
 
 def run() -> None:
-    cli.run(pull_from_flags, positional=True)
+    cli.run(pull_from_flags, usage=USAGE, positional=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train a chest X-ray classifier: python -m trainer.task --model=vanilla|inception [flags]
+"""``python -m trainer.task``: train a chest X-ray classifier.
 
 Flags -> Config -> train.run(config). Config problems are reported before TensorFlow is
 imported; any TrainerError ends the process with one line and its exit status (see
@@ -10,12 +10,19 @@ import os
 
 from absl import logging
 
-from trainer import cli, config as config_lib, demo_data, flags as trainer_flags, models
+from trainer import cli, config as config_lib, demo_data, flags as trainer_flags, helptext, \
+    models
 
 TUTORIAL_TRAIN_DIR = os.path.join("covid", "COVID-19 Radiography Database")
 TUTORIAL_TEST_DIR = os.path.join("covid", "COVID-19 Radiography Database Test")
 
 trainer_flags.define_config_flags()
+
+USAGE = helptext.Usage(
+    ("python -m trainer.task [--model=vanilla|inception | --config=FILE] [--FLAG=VALUE ...]",
+     "python -m trainer.task --model=vanilla --data_dir=/data/cxr --epochs=20",
+     "python -m trainer.task --model=inception --help    (this help, with inception's defaults)"),
+    ("model", "config", *config_lib.leaf_fields()))
 
 
 def resolve_default_data(config: config_lib.Config) -> config_lib.Config:
@@ -53,7 +60,7 @@ def train_from_flags(argv: list[str]) -> None:
 
 
 def run() -> None:
-    cli.run(train_from_flags)
+    cli.run(train_from_flags, usage=USAGE)
 
 
 if __name__ == "__main__":
