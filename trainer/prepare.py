@@ -19,13 +19,12 @@ import datetime
 import hashlib
 import io
 import json
-import sys
-import time
 
 from absl import flags, logging
 
 from trainer import cli, config as config_lib, flags as trainer_flags, helptext
 from trainer.errors import ConfigError, DataError
+from trainer.progress import Progress
 
 PROGRESS = "progress.json"
 KEEP_AS_IS = {"PNG", "JPEG", "BMP", "GIF"}  # formats the pipeline's decoder reads directly
@@ -139,40 +138,6 @@ def encode_example(example, max_side: int) -> Encoded:
     })
     record = tf.train.Example(features=features).SerializeToString()
     return Encoded(record, hashlib.sha256(raw).hexdigest(), stored)
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """One status line with rate and ETA on stderr (redrawn on a terminal, every 10 s in logs)."""
-
-    def __init__(self, total: int, what: str = "images"):
-        self.total, self.what, self.done = total, what, 0
-        self.start = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.time()
-        if self.done >= self.total or (self.tty and now - self.last >= 0.2) or now - self.last >= 10:
-            self.last = now
-            self._show(now)
-
-    def _show(self, now: float) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else 0
-        line = (f"prepare: {self.done}/{self.total} {self.what} "
-                f"({100 * self.done / max(self.total, 1):.0f}%) {rate:.1f}/s "
-                f"elapsed {_clock(elapsed)} ETA {_clock(left)}")
-        end = "\n" if not self.tty or self.done >= self.total else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds + 0.5)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -297,7 +262,7 @@ def prepare(config: config_lib.Config, src: str, dst: str, max_side: int, shard_
     if config.data.check:
         splits = validate_splits(splits, data_config)
     logging.info("preparing %s -> %s\n%s", src, dst, plan_text(splits, settings, None))
-    bar = Progress(sum(len(getattr(splits, name)) for name in data.SPLITS))
+    bar = Progress(sum(len(getattr(splits, name)) for name in data.SPLITS), "prepare")
     files, shards = {}, {}
     for name in data.SPLITS:
         examples = ordered(getattr(splits, name), settings.seed)
