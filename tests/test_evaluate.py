@@ -175,6 +175,14 @@ def test_report_files(evaluated, name, must_contain):
         assert piece in text, piece
 
 
+def test_a_run_on_the_demo_data_says_so_in_the_reports_first_line(evaluated):
+    out_dir, results = evaluated
+    assert results["synthetic_data"] is True  # the run's data is a generated demo tree
+    first = (out_dir / "report.md").read_text().splitlines()[0]
+    assert first.startswith("# SYNTHETIC DEMO DATA, NOT X-RAYS: evaluation of ")
+    assert "<h1>SYNTHETIC DEMO DATA, NOT X-RAYS" in (out_dir / "report.html").read_text()
+
+
 def test_source_breakdown_flags_a_confounded_class():
     labels = np.array([0, 0, 1, 1, 2, 2])
     preds = np.array([0, 0, 1, 2, 2, 2])
@@ -262,6 +270,7 @@ def test_cli_writes_a_named_evaluation(run_dir):
     assert proc.returncode == 0, proc.stderr
     assert "Test metrics" in proc.stdout and "specificity" in proc.stdout
     assert "operating point" in proc.stdout
+    assert f"\nwarning: {run_dir} was trained on the built-in SYNTHETIC" in "\n" + proc.stderr
     saved = json.loads((run_dir / "eval" / "mine" / "metrics.json").read_text())
     assert saved["checkpoint"].endswith("last.keras")
     assert saved["operating_point"]["target_sensitivity"] == 0.9

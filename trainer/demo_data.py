@@ -7,6 +7,7 @@ with no download and no cloud account.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -63,6 +64,22 @@ def generate(dest: Path, images_per_class: int = IMAGES_PER_CLASS, seed: int = 0
         for i in range(images_per_class):
             Image.fromarray(draw(label, rng)).save(folder / f"demo-{i:03d}.png")
     (dest / "README.txt").write_text(NOTICE)
+
+
+def is_demo_tree(data_dir: str) -> bool:
+    """Whether ``data_dir`` (local) is a tree ``generate`` wrote, or was prepared from one."""
+    if not data_dir or "://" in data_dir:
+        return False
+    root = Path(data_dir)
+    try:
+        if (root / "README.txt").is_file():
+            return (root / "README.txt").read_text().startswith(NOTICE.split(".")[0])
+        if (root / "manifest.json").is_file():  # trainer.prepare's output: look at its source
+            source = json.loads((root / "manifest.json").read_text()).get("source", "")
+            return source != data_dir and is_demo_tree(source)
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def ensure_demo_dataset() -> Path:

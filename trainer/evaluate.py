@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import sys
 
 from absl import flags, logging
 
@@ -144,6 +145,9 @@ def evaluate(options: Options) -> tuple[str, dict]:
     import numpy as np
     from trainer import data, distribute, metrics, plots, storage
     config = apply_overrides(runs.read_config(options.model_dir), options.overrides)
+    warning = runs.synthetic_warning(config, options.model_dir)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     path = runs.checkpoint_path(options.model_dir, options.checkpoint)
     model = runs.load_model(path)
     runs.check_model_fits(model, config, path)
@@ -166,7 +170,8 @@ def evaluate(options: Options) -> tuple[str, dict]:
     if sources is not None:
         results["sources"] = metrics.source_breakdown(sources, labels, preds, classes)
     results.update(model_dir=options.model_dir, checkpoint=path, test_root=root, split=split,
-                   counts={"test": np.bincount(labels, minlength=len(classes)).tolist()})
+                   counts={"test": np.bincount(labels, minlength=len(classes)).tolist()},
+                   synthetic_data=warning is not None)
 
     name = _slug(options.name) if options.name else \
         f"{_slug(os.path.splitext(os.path.basename(options.checkpoint))[0])}-{split}"
@@ -184,6 +189,9 @@ def evaluate(options: Options) -> tuple[str, dict]:
     sections = report_sections(results, config, files, options, training)
     from trainer import report
     title = f"Evaluation of {options.model_dir} ({os.path.basename(path)}, {split})"
+    if warning:  # the report's first line says so
+        title = f"SYNTHETIC DEMO DATA, NOT X-RAYS: {title[0].lower()}{title[1:]}"
+        sections.insert(0, report.Section("Warning", [report.Text(warning + ".")]))
     files["report.md"] = report.to_markdown(title, sections)
     files["report.html"] = report.to_html(title, sections)
     write_files(out_dir, files)

@@ -23,7 +23,7 @@ def define_config_flags() -> None:
                         "vanilla when neither --model nor --config is given.")
     flags.DEFINE_string("config", None, "A YAML config of the same shape (local or gs://) "
                         "instead of --model.")
-    for name, (section, leaf) in config_lib.leaf_fields().items():
+    for name, (section, leaf) in config_lib.flag_fields().items():
         kind = config_lib.field_type(section, name)
         choices = leaf.metadata.get("choices")
         help_text = f"[{section}] {leaf.metadata['help']}"
@@ -41,7 +41,7 @@ def define_checkpoint_flag() -> None:
 
 def overrides() -> dict:
     """The config fields set on the command line."""
-    return {name: FLAGS[name].value for name in config_lib.leaf_fields()}
+    return {name: FLAGS[name].value for name in config_lib.flag_fields()}
 
 
 HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")

@@ -108,11 +108,15 @@ def format_results(results: list, classes: list[str], kind: str) -> str:
 
 def predict(model_dir: str, paths: list[str], checkpoint: str = "best",
             kind: str = "table") -> tuple[str, list[str]]:
-    """(formatted results, error lines) for the given files and folders."""
+    """(formatted results, error lines) for the given files and folders; a warning on stderr
+    first when the run was trained on the synthetic demo data."""
     if not paths:
         raise ConfigError("no images given: python -m trainer.predict --model_dir=RUN "
                           "IMAGE_OR_DIR...")
     config = runs.read_config(model_dir)
+    warning = runs.synthetic_warning(config, model_dir)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     files, errors = expand(paths)
     path = runs.checkpoint_path(model_dir, checkpoint)
     model = runs.load_model(path)

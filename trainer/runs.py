@@ -22,6 +22,17 @@ def read_config(model_dir: str) -> Config:
     return config_lib.from_yaml_text(storage.read_text(path), path)
 
 
+def synthetic_warning(config: Config, model_dir: str) -> str | None:
+    """The warning for a run trained on the built-in synthetic demo data (recorded in its
+    config.yaml, or, for runs from before that, recognised by its data folder); else None."""
+    from trainer import demo_data
+    if not (config.data.synthetic or demo_data.is_demo_tree(config.data.data_dir)):
+        return None
+    return (f"{model_dir} was trained on the built-in SYNTHETIC demo data (drawn shapes, not "
+            "X-rays): its outputs say nothing about real chest X-rays. Train on your own images "
+            "with --data_dir")
+
+
 def checkpoint_path(model_dir: str, checkpoint: str) -> str:
     """best | last -> RUN/checkpoints/NAME.keras; anything else is a .keras path."""
     from trainer import storage

@@ -22,7 +22,7 @@ USAGE = helptext.Usage(
     ("python -m trainer.task [--model=vanilla|inception | --config=FILE] [--FLAG=VALUE ...]",
      "python -m trainer.task --model=vanilla --data_dir=/data/cxr --epochs=20",
      "python -m trainer.task --model=inception --help    (this help, with inception's defaults)"),
-    ("model", "config", *config_lib.leaf_fields()))
+    ("model", "config", *config_lib.flag_fields()))
 
 
 def resolve_default_data(config: config_lib.Config) -> config_lib.Config:
@@ -47,6 +47,7 @@ def build_config() -> config_lib.Config:
     config = config_lib.load(flags.model, flags.config, trainer_flags.overrides())
     config = config_lib.validate(config, models.min_image_sizes())
     config = resolve_default_data(config)
+    config.data.synthetic = demo_data.is_demo_tree(config.data.data_dir)  # recorded in config.yaml
     if not config.output.model_dir:
         from trainer.train import default_model_dir
         config.output.model_dir = default_model_dir(config.model.architecture)
@@ -57,6 +58,9 @@ def train_from_flags(argv: list[str]) -> None:
     config = build_config()
     from trainer import train  # TensorFlow starts here, after the config is known good.
     train.run(config)
+    if config.data.synthetic:
+        logging.warning("these metrics are on the SYNTHETIC demo data (drawn shapes, not "
+                        "X-rays); evaluate and predict on %s will say so", config.output.model_dir)
 
 
 def run() -> None:
