@@ -57,6 +57,7 @@ def build_config() -> config_lib.Config:
 def train_from_flags(argv: list[str]) -> None:
     config = build_config()
     from trainer import train  # TensorFlow starts here, after the config is known good.
+    models.resolve_base_weights(config.model)  # a download that fails leaves no run behind
     train.run(config)
     if config.data.synthetic:
         logging.warning("these metrics are on the SYNTHETIC demo data (drawn shapes, not "
