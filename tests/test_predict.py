@@ -180,3 +180,11 @@ def test_predict_on_a_demo_run_warns_on_stderr_every_time(run_dir, files, tmp_pa
         err = capsys.readouterr().err
         assert err.startswith(f"warning: {demo_run} was trained on the built-in SYNTHETIC demo")
         assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("classes", [CLASSES, ["Lung Opacity (bacterial pneumonia)", "NORMAL"]])
+def test_table_shows_class_names_in_full(classes):
+    probs = [1.0 / len(classes)] * len(classes)
+    head, row = predict.format_results([("a.png", probs)], classes, "table").splitlines()
+    assert all(c in head for c in classes)
+    assert len(row) == len(head)

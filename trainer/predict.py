@@ -98,11 +98,12 @@ def format_results(results: list, classes: list[str], kind: str) -> str:
         return out.getvalue().rstrip("\n")
     width = max([len("path")] + [len(r["path"]) for r in rows])
     cls_width = max(len("class"), *(len(c) for c in classes))
+    columns = [max(len(c), 6) for c in classes]  # class names in full, never cut
     lines = [f"{'path':<{width}}  {'class':<{cls_width}}" +
-             "".join(f"  {c[:15]:>15}" for c in classes)]
+             "".join(f"  {c:>{w}}" for c, w in zip(classes, columns))]
     for r in rows:
         lines.append(f"{r['path']:<{width}}  {r['class']:<{cls_width}}" +
-                     "".join(f"  {r['probabilities'][c]:>15.4f}" for c in classes))
+                     "".join(f"  {r['probabilities'][c]:>{w}.4f}" for c, w in zip(classes, columns)))
     return "\n".join(lines)
 
 
