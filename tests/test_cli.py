@@ -23,7 +23,16 @@ START_UP_LINES = [
     ("I0000 00:00:1733400000.123456   812 port.cc:153] oneDNN custom operations are on. You may "
      "see slightly different numerical results.", True),
     ("W0000 00:00:1733400000.123456   812 some_notice.cc:10] a start-up warning", True),
+    ("2024-02-09 09:37:32.343117: I tensorflow/core/platform/cpu_feature_guard.cc:182] This "
+     "TensorFlow binary is optimized to use available CPU instructions", True),
+    ("E0000 00:00:1751448150.986970   10148 cuda_dnn.cc:8579] Unable to register cuDNN factory: "
+     "Attempting to register factory for plugin cuDNN when one has already been registered", True),
+    ("2024-02-09 09:37:32.334667: E external/local_xla/xla/stream_executor/cuda/cuda_fft.cc:607] "
+     "Unable to register cuFFT factory: Attempting to register factory for plugin cuFFT when one "
+     "has already been registered", True),
     ("E0000 00:00:1796283027.650126    4578 cuda_platform.cc:52] failed call to cuInit: INTERNAL",
+     False),
+    ("2024-02-09 09:37:32.1: E tensorflow/core/x.cc:1] Could not load dynamic library libcudnn.so",
      False),
     ("F0000 00:00:1796283027.650126    4578 something.cc:1] Check failed: a fatal error", False),
     ("Traceback (most recent call last):", False),

@@ -21,10 +21,15 @@ from typing import MutableMapping
 LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
 QUIET_LEVEL = "3"  # 2 still shows E-level lines such as the cuInit failure on CPU machines
 
+_GLOG = r"[{levels}]\d{{4}} [\d:.]+\s+\d+ \S+:\d+\] "  # e.g. I0000 00:00:17.5  812 port.cc:153]
+_OLD = r"\d{{4}}-\d\d-\d\d [\d:.]+: [{levels}] \S+:\d+\] "  # TF before 2.16: 2024-01-02 03:04:05.6: I
 _NOISE = re.compile(
     r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|[IW]\d{4} [\d:.]+\s+\d+ \S+:\d+\] "  # glog INFO and WARNING lines
-    r"|To enable the following instructions: .*rebuild TensorFlow")  # the CPU notice's 2nd line
+    rf"|{_GLOG.format(levels='IW')}|{_OLD.format(levels='IW')}"  # INFO and WARNING lines
+    r"|To enable the following instructions: .*rebuild TensorFlow"  # the CPU notice's 2nd line
+    # CUDA builds on GPU machines: an E-level notice without consequence (tensorflow#62075)
+    rf"|(?:{_GLOG.format(levels='E')}|{_OLD.format(levels='E')})Unable to register "
+    r"cu(?:DNN|FFT|BLAS) factory: Attempting to register factory for plugin")
 
 
 def is_noise(line: str) -> bool:
