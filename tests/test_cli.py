@@ -1,6 +1,7 @@
 """The entry points' console: TensorFlow's start-up notices, and what the commands import."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -57,7 +58,6 @@ def test_quiet_level_respects_the_users_setting(env, expected, changed):
 
 
 def test_filtered_stderr_keeps_real_lines_in_order(capfd):
-    import os
     with tf_log.filtered_stderr():
         for line in ("I0000 00:00:1.2 3 cudart_stub.cc:31] notice\n", "E0000 00:00:1.2 3 x.cc:1] "
                      "real error\n", "plain text\n"):
@@ -156,3 +156,18 @@ def test_bad_usage_next_to_help_is_one_error_line(module, args, message):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("path, level, kept", [
+    ("/site-packages/tensorflow/python/saved_model/builder_impl.py", "INFO", False),
+    ("/site-packages/tensorflow/python/saved_model/builder_impl.py", "WARNING", True),
+    ("/work/trainer/train.py", "INFO", True),
+])
+def test_tensorflows_own_info_lines_are_dropped_from_the_log(path, level, kept):
+    """e.g. 'Assets written to: RUN/export.partial/assets', which the tensorflow logger sends
+    to absl's handler (a filter on absl's own logger did not see it)."""
+    import logging
+    from trainer import cli
+    record = logging.LogRecord("tensorflow", getattr(logging, level), path.replace("/", os.sep),
+                               1, "Assets written to: x", None, None)
+    assert cli._QuietTensorFlow().filter(record) is kept

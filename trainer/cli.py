@@ -24,7 +24,7 @@ class _QuietTensorFlow(py_logging.Filter):
 
 def setup_logging(verbosity: int = logging.INFO) -> None:
     logging.set_verbosity(verbosity)
-    logging.get_absl_logger().addFilter(_QuietTensorFlow())
+    logging.get_absl_handler().addFilter(_QuietTensorFlow())  # also what the tensorflow logger sends
 
 
 def guarded(body: Callable[[list[str]], int | None], positional: bool = False,
