@@ -282,3 +282,44 @@ def test_prepare_check_only(tmp_path, layout_name, case, mutate, status, expecte
     assert expected in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
+
+
+class _Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.mark.parametrize("seconds_per_image, expected", [
+    (0.001, []),  # a small tree: done before the first report, nothing printed
+    (0.5, ["data check: 20/100 images (20%) 2.0/s elapsed 0:00:10 ETA 0:00:40",
+           "data check: 40/100 images (40%) 2.0/s elapsed 0:00:20 ETA 0:00:30",
+           "data check: 60/100 images (60%) 2.0/s elapsed 0:00:30 ETA 0:00:20",
+           "data check: 80/100 images (80%) 2.0/s elapsed 0:00:40 ETA 0:00:10",
+           "data check: 100/100 images (100%) 2.0/s elapsed 0:00:50 ETA 0:00:00"]),
+])
+def test_progress_line_every_10_s_in_a_log_and_none_for_a_quick_check(seconds_per_image,
+                                                                     expected):
+    import io
+    from trainer.progress import Progress
+    out, now = io.StringIO(), _Clock()
+    bar = Progress(100, "data check", stream=out, now=now)
+    for _ in range(100):
+        now.t += seconds_per_image
+        bar.update()
+    assert out.getvalue().splitlines() == expected
+
+
+def test_a_slow_data_check_reports_progress(demo_tree, monkeypatch, capsys):
+    """The data check itself feeds the progress line (here made due at every image)."""
+    from trainer import progress
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    config = config_lib.load("vanilla", overrides={"data_dir": str(demo_tree), "test_per_class": 6})
+    datacheck.check(data.make_splits(config.data), config.data)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("data check: 90/90 images (100%) ") and "ETA 0:00:00" in lines[-1]
+    assert len(lines) >= 2

@@ -118,6 +118,23 @@ def test_resolve_name(name, tf_config, expected):
     assert distribute.resolve_name(name, tf_config) == expected
 
 
+GPU = "/job:localhost/replica:0/task:0/device:GPU:{}"
+
+
+@pytest.mark.parametrize("gpus, devices, expected", [
+    ([], ["/cpu:0"], "training on CPU: no GPU found"),
+    ([], ["/cpu:0", "/cpu:1"], "training on 2 CPU devices: no GPU found"),
+    (["NVIDIA L4"], ["/gpu:0"], "training on 1 GPU: GPU:0 (NVIDIA L4)"),
+    (["NVIDIA L4"] * 2, [GPU.format(0), GPU.format(1)],
+     "training on 2 GPUs: GPU:0, GPU:1 (NVIDIA L4)"),
+    (["NVIDIA L4"] * 2, [GPU.format(0)],
+     "training on 1 GPU: GPU:0 (NVIDIA L4); 1 more unused (--strategy=auto or mirrored uses all)"),
+    (["NVIDIA H200"], ["/cpu:0"], "training on CPU although 1 GPU (NVIDIA H200) found"),
+])
+def test_device_line_says_what_runs_where(gpus, devices, expected):
+    assert distribute.device_line("training", gpus, devices) == expected
+
+
 @pytest.mark.parametrize("overrides, error", [
     ({"backup_freq": "epoch"}, None),
     ({"backup_freq": "25"}, None),
@@ -214,7 +231,7 @@ def mirrored_runs(tmp_path_factory):
 
 def test_mirrored_logs_replicas_and_global_batch(mirrored_runs):
     log = mirrored_runs["mirrored"][1]
-    assert "strategy: mirrored (MirroredStrategy), replicas: 2" in log
+    assert "(strategy: mirrored, replicas: 2)" in log
     assert "global batch 16 = 8 per replica x 2 replicas" in log
     assert "global batch 16 = 16 per replica x 1 replicas" in mirrored_runs["one_device"][1]
 

@@ -163,6 +163,41 @@ def test_plots_are_pngs_of_the_expected_size(evaluated, name, size):
     assert pixels.std() > 5  # something was drawn
 
 
+@pytest.mark.parametrize("classes", [
+    ["COVID-19", "NORMAL", "Viral Pneumonia"],
+    ["a", "b"],
+    ["Lung Opacity (bacterial pneumonia)", "NORMAL", "COVID-19", "Viral Pneumonia"],
+])
+def test_class_names_are_never_cut(classes):
+    """In the console tables (they cut 'Viral Pneu') and the Grad-CAM titles ('Viral Pneumo')."""
+    from trainer import plots
+    n = len(classes)
+    y = np.arange(4 * n) % n
+    report = metrics.per_class(y, np.eye(n)[y] * 0.8 + 0.2 / n, classes)
+    text = metrics.format_per_class(report)
+    header = next(line for line in text.splitlines() if line.startswith("true \\ predicted"))
+    assert all(c in header for c in classes)
+    cell = plots.CamCell(np.zeros((4, 4, 3)), np.zeros((4, 4)), classes[-1], classes[0], 0.5)
+    assert plots.cam_title(cell).replace("\n", " ") == f"true {classes[-1]} pred {classes[0]} 0.50"
+
+
+def test_roc_curves_with_equal_auc_stay_distinguishable():
+    """Each class has its own dash pattern and marker, and its markers sit between the other
+    classes' on the curve (a perfect ROC for every class drew one green line before)."""
+    from matplotlib.figure import Figure
+    from trainer import plots
+    ax = Figure().add_subplot()
+    x, y = np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0])  # the perfect ROC
+    for i in range(3):
+        plots.draw_curve(ax, x, y, i, 3, f"class {i}")
+    curves, markers = ax.lines[0::2], ax.lines[1::2]
+    assert len({(str(c.get_linestyle()), c.get_marker()) for c in curves}) == 3
+    positions = [tuple(zip(m.get_xdata(), m.get_ydata())) for m in markers]
+    assert all(len(p) >= 5 for p in positions) and not set(positions[0]) & set(positions[1])
+    for p in positions:  # on the curve: the left or the top edge
+        assert all(px == 0.0 or py == 1.0 for px, py in p)
+
+
 @pytest.mark.parametrize("name, must_contain", [
     ("report.md", ["## Per class", "![ROC curves](roc.png)", "COVID-19 operating point",
                    "gradcam.png", "95% CI", "macro avg", "image_size: 16"]),
@@ -173,6 +208,14 @@ def test_report_files(evaluated, name, must_contain):
     text = (evaluated[0] / name).read_text()
     for piece in must_contain:
         assert piece in text, piece
+
+
+def test_a_run_on_the_demo_data_says_so_in_the_reports_first_line(evaluated):
+    out_dir, results = evaluated
+    assert results["synthetic_data"] is True  # the run's data is a generated demo tree
+    first = (out_dir / "report.md").read_text().splitlines()[0]
+    assert first.startswith("# SYNTHETIC DEMO DATA, NOT X-RAYS: evaluation of ")
+    assert "<h1>SYNTHETIC DEMO DATA, NOT X-RAYS" in (out_dir / "report.html").read_text()
 
 
 def test_source_breakdown_flags_a_confounded_class():
@@ -264,6 +307,7 @@ def test_cli_writes_a_named_evaluation(run_dir):
     assert proc.returncode == 0, proc.stderr
     assert "Test metrics" in proc.stdout and "specificity" in proc.stdout
     assert "operating point" in proc.stdout
+    assert f"\nwarning: {run_dir} was trained on the built-in SYNTHETIC" in "\n" + proc.stderr
     saved = json.loads((run_dir / "eval" / "mine" / "metrics.json").read_text())
     assert saved["checkpoint"].endswith("last.keras")
     assert saved["operating_point"]["target_sensitivity"] == 0.9

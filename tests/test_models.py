@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import urllib.error
 
 import numpy as np
 import pytest
@@ -166,6 +172,78 @@ def test_imagenet_offline_is_a_clear_error(monkeypatch, tmp_path, architecture, 
         models.build(_model_config(architecture, weights="imagenet"), 75, 3)
     folder = {"inception": "inception_v3", "densenet121": "densenet"}[architecture]
     assert asked == [(filename, f"{models.KERAS_WEIGHTS_URL}{folder}/{filename}")]
+
+
+def _raised_from(context: BaseException) -> Exception:
+    """An exception raised while handling ``context``, as Keras' get_file raises its own."""
+    try:
+        try:
+            raise context
+        except BaseException:
+            raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5")
+    except Exception as err:
+        return err
+
+
+@pytest.mark.parametrize("error, cause", [
+    (_raised_from(urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))),
+     "DNS lookup failed ([Errno -2] Name or service not known)"),
+    (_raised_from(urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))),
+     "connection refused ([Errno 111] Connection refused)"),
+    (_raised_from(urllib.error.URLError(TimeoutError("timed out"))),
+     "connection timed out (timed out)"),
+    (_raised_from(urllib.error.URLError(ssl.SSLError(1, "CERTIFICATE_VERIFY_FAILED"))),
+     "TLS error (CERTIFICATE_VERIFY_FAILED)"),
+    (_raised_from(urllib.error.HTTPError("https://x", 403, "Forbidden", {}, None)),
+     "HTTP 403 Forbidden"),
+    (OSError("network unreachable"), "OSError: network unreachable"),
+])
+def test_network_cause_names_the_real_failure(error, cause):
+    assert models.network_cause(error) == cause
+
+
+@pytest.mark.parametrize("architecture, weights, error", [
+    ("vanilla", "imagenet", None),      # no pretrained base: nothing to fetch
+    ("inception", "none", None),
+    ("inception", "/no/such/base.h5", "--weights: no such weights file: /no/such/base.h5"),
+    ("densenet121", "none", None),
+    ("densenet121", "/no/such/base.h5", "--weights: no such weights file: /no/such/base.h5"),
+])
+def test_base_weights_are_resolved_before_the_run(architecture, weights, error):
+    config = _model_config(architecture, weights=weights)
+    if error is None:
+        models.resolve_base_weights(config)
+    else:
+        with pytest.raises(ConfigError, match=error):
+            models.resolve_base_weights(config)
+
+
+def test_imagenet_offline_fails_before_anything_is_written(demo_tree, tmp_path):
+    """A failed download names its cause and leaves no run directory, so the retry with
+    --weights=none and the same --model_dir starts cleanly. The download goes to a proxy on
+    loopback that refuses connections: no network is used."""
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    proxy = f"http://127.0.0.1:{refusing.getsockname()[1]}"
+    home = tmp_path / "home"  # no cached ImageNet weights
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy")}
+    env.update(HOME=str(home), https_proxy=proxy, HTTPS_PROXY=proxy)
+    run = tmp_path / "run"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "trainer.task", "--model=inception", f"--data_dir={demo_tree}",
+             f"--model_dir={run}", "--image_size=75", "--epochs=1"],
+            env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        refusing.close()
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "cannot download the ImageNet weights from storage.googleapis.com: connection " \
+        "refused" in errors[0] and "--weights=none" in errors[0]
+    assert not run.exists()
+    assert "checking" not in proc.stderr  # failed before the data check
 
 
 def test_registry_lists_every_model():

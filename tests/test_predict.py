@@ -27,8 +27,7 @@ def run_dir(tmp_path_factory) -> Path:
     config = config_lib.load("vanilla", overrides={"image_size": 16, "model_dir": str(root)})
     (root / "checkpoints").mkdir(parents=True)
     (root / "config.yaml").write_text(config_lib.to_yaml(config))
-    model = models.build(config.model, 16, 3)
-    model.compile(loss="categorical_crossentropy")
+    model = models.build(config.model, 16, 3)  # uncompiled: no optimizer state to skip on load
     checkpoints.save(model, str(root / "checkpoints" / "best.keras"))
     return root
 
@@ -126,3 +125,72 @@ def test_a_float_input_checkpoint_still_gets_unit_range_images(files, tmp_path):
     expected = old.predict(data.decode_image(Path(files["png"]).read_bytes(), 16)[None], verbose=0)
     assert not errors
     np.testing.assert_allclose(results[0][1], expected[0], rtol=1e-6)
+
+
+def test_cli_console_shows_no_tensorflow_start_up_lines(run_dir, files):
+    """Without the user's TF_CPP_MIN_LOG_LEVEL, TensorFlow's import and device start print
+    nothing (on a CPU machine they printed a cuInit 'E0000' line and CUDA-driver notices)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-m", "trainer.predict", f"--model_dir={run_dir}",
+                           files["png"]], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.splitlines()[1].startswith(files["png"])
+
+
+def _tree(root: Path, kind: str) -> str:
+    """A data folder of the given kind for the synthetic-data cases."""
+    from trainer import demo_data
+    if kind == "demo":
+        demo_data.generate(root / "demo", images_per_class=2)
+        return str(root / "demo")
+    if kind == "prepared-demo":
+        (root / "prepared").mkdir()
+        (root / "prepared" / "manifest.json").write_text(json.dumps(
+            {"source": _tree(root, "demo")}))
+        return str(root / "prepared")
+    if kind == "own":
+        (root / "own" / "NORMAL").mkdir(parents=True)
+        return str(root / "own")
+    return kind  # "" or a bucket path: not looked into
+
+
+@pytest.mark.parametrize("recorded, data_dir, warns", [
+    (True, "", True),                   # recorded in config.yaml by trainer.task
+    (False, "demo", True),              # a run from before it was recorded: the tree says so
+    (False, "prepared-demo", True),     # prepared from the demo tree
+    (False, "own", False),
+    (False, "", False),
+    (False, "gs://bucket/cxr", False),
+])
+def test_runs_on_the_synthetic_demo_data_are_recognised(tmp_path, recorded, data_dir, warns):
+    from trainer import runs
+    config = config_lib.load("vanilla", overrides={"data_dir": _tree(tmp_path, data_dir)})
+    config.data.synthetic = recorded
+    warning = runs.synthetic_warning(config, "RUN")
+    assert (warning is not None) is warns
+    if warns:
+        assert warning.startswith("RUN was trained on the built-in SYNTHETIC demo data")
+
+
+def test_predict_on_a_demo_run_warns_on_stderr_every_time(run_dir, files, tmp_path, capsys):
+    demo_run = tmp_path / "demo-run"
+    (demo_run / "checkpoints").mkdir(parents=True)
+    (demo_run / "checkpoints" / "best.keras").symlink_to(run_dir / "checkpoints" / "best.keras")
+    config = config_lib.from_yaml_text((run_dir / "config.yaml").read_text(), "config.yaml")
+    config.data.synthetic = True
+    (demo_run / "config.yaml").write_text(config_lib.to_yaml(config))
+    for _ in range(2):
+        text, errors = predict.predict(str(demo_run), [files["png"]], kind="json")
+        assert json.loads(text)[0]["path"] == files["png"] and not errors  # stdout stays data
+        err = capsys.readouterr().err
+        assert err.startswith(f"warning: {demo_run} was trained on the built-in SYNTHETIC demo")
+        assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("classes", [CLASSES, ["Lung Opacity (bacterial pneumonia)", "NORMAL"]])
+def test_table_shows_class_names_in_full(classes):
+    probs = [1.0 / len(classes)] * len(classes)
+    head, row = predict.format_results([("a.png", probs)], classes, "table").splitlines()
+    assert all(c in head for c in classes)
+    assert len(row) == len(head)

@@ -46,6 +46,14 @@ def test_end_to_end_run_writes_every_artifact(tiny_config, capsys):
 
     # The best checkpoint reloaded from disk reproduces the in-process test metrics.
     best = checkpoints.load(str(run / "checkpoints" / "best.keras"))
+    # best, last and the export hold the weights once: no optimizer state (Adam's would triple
+    # them); resuming reads backup/ instead.
+    weights = sum(w.nbytes for w in best.get_weights())
+    exported = sum(f.stat().st_size for f in (run / "export").rglob("*") if f.is_file())
+    for name, size in [("best.keras", (run / "checkpoints" / "best.keras").stat().st_size),
+                       ("last.keras", (run / "checkpoints" / "last.keras").stat().st_size),
+                       ("export/", exported)]:
+        assert weights < size < 1.3 * weights, (name, size, weights)
     again = train.evaluate(best, data.make_splits(tiny_config.data).test, tiny_config)
     for name, value in saved["test"].items():
         assert again["test"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

@@ -18,7 +18,8 @@ from trainer.keras_api import keras
 
 
 class BestAndLastCheckpoint(keras.callbacks.Callback):
-    """Keeps ``best.keras`` (lowest monitored value) and ``last.keras`` in ``folder``.
+    """Keeps ``best.keras`` (lowest monitored value) and ``last.keras`` in ``folder``, both
+    without optimizer state (a third of the size; resuming reads the backup instead).
 
     The best value is stored in ``best.json`` beside the model, so a resumed run only
     replaces the best checkpoint with a better one.
@@ -44,11 +45,11 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
             return  # keep the last good checkpoints, never NaN weights
         value = (logs or {}).get(self.monitor)
         if value is not None and value < self.best - self.min_delta:
-            checkpoints.save(self.model, self.best_path)
+            checkpoints.save(self.model, self.best_path, optimizer_state=False)
             self.best, self.best_epoch = float(value), epoch + 1
             storage.write_text_atomic(self.record_path, json.dumps(
                 {"epoch": self.best_epoch, "monitor": self.monitor, "value": self.best}))
-        checkpoints.save(self.model, self.last_path)
+        checkpoints.save(self.model, self.last_path, optimizer_state=False)  # resume: backup/
 
 
 class HistoryCSV(keras.callbacks.Callback):

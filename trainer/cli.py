@@ -2,6 +2,7 @@
 TrainerError into one ``error:`` line on stderr and its exit status."""
 from __future__ import annotations
 
+import functools
 import logging as py_logging
 import os
 import sys
@@ -9,7 +10,7 @@ from typing import Callable
 
 from absl import app, logging
 
-from trainer import flags as trainer_flags
+from trainer import flags as trainer_flags, tf_log
 from trainer.errors import ExitStatus, TrainerError
 
 
@@ -22,9 +23,8 @@ class _QuietTensorFlow(py_logging.Filter):
 
 
 def setup_logging(verbosity: int = logging.INFO) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.set_verbosity(verbosity)
-    logging.get_absl_logger().addFilter(_QuietTensorFlow())
+    logging.get_absl_handler().addFilter(_QuietTensorFlow())  # also what the tensorflow logger sends
 
 
 def guarded(body: Callable[[list[str]], int | None], positional: bool = False,
@@ -44,6 +44,10 @@ def guarded(body: Callable[[list[str]], int | None], positional: bool = False,
     return main
 
 
-def run(body: Callable[[list[str]], int | None], **options) -> None:
-    """Parses the flags (one error line, exit 2 on bad ones) and runs ``body``."""
-    app.run(guarded(body, **options), flags_parser=trainer_flags.parse_or_exit)
+def run(body: Callable[[list[str]], int | None], usage=None, **options) -> None:
+    """Parses the flags (one error line, exit 2 on bad ones; ``--help`` prints ``usage``, a
+    helptext.Usage) and runs ``body``, with TensorFlow's start-up notices kept off the
+    console (see tf_log)."""
+    tf_log.quiet()
+    app.run(guarded(body, **options),
+            flags_parser=functools.partial(trainer_flags.parse_or_exit, usage=usage))

@@ -22,9 +22,11 @@ TUTORIAL_CLASSES = ("COVID-19", "NORMAL", "Viral Pneumonia")
 CONFIG_DIR_ENV = "CXR_CONFIG_DIR"
 
 
-def _field(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field carrying its flag help text and, for enums, its choices."""
-    meta = {"help": help, "choices": choices}
+def _field(default: Any, help: str, choices: tuple[str, ...] | None = None,
+           flag: bool = True) -> Any:
+    """A config field carrying its flag help text, for enums its choices, and whether it is a
+    flag (False: the trainer sets it and records it in config.yaml)."""
+    meta = {"help": help, "choices": choices, "flag": flag}
     if isinstance(default, (list, tuple)):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -60,6 +62,9 @@ class DataConfig:
                                "or skip (train without them).", ("fail", "skip"))
     on_leak: str = _field("fail", "The same image in two splits: fail or warn.", ("fail", "warn"))
     min_image_side: int = _field(32, "Images whose shorter side is below this many pixels are bad.")
+    synthetic: bool = _field(False, "Set by the trainer: the data is its built-in SYNTHETIC demo "
+                             "set (drawn shapes, not X-rays); evaluate and predict warn on such a "
+                             "run.", flag=False)
     holdout_sources: list = _field((), "Sources (the 'source' column of DATA_DIR/manifest.csv) kept "
                                    "out of training and validation: all their images go to the "
                                    "test split, to measure accuracy on hospitals never seen.")
@@ -171,6 +176,11 @@ def leaf_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     return leaves
 
 
+def flag_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """The leaves that are flags (all but those the trainer sets itself)."""
+    return {name: entry for name, entry in leaf_fields().items() if entry[1].metadata["flag"]}
+
+
 def field_type(section: str, name: str) -> type:
     """The declared type of config field ``section.name`` (int, float, bool, str or list)."""
     hints = typing.get_type_hints(type(getattr(Config(), section)))
@@ -278,7 +288,7 @@ def load(model: str | None = None, config_path: str | None = None,
     """Defaults < YAML < overrides (flag name -> value; None means not set)."""
     path = experiment_path(model, config_path)
     config = from_dict(read_yaml(path), path)
-    leaves = leaf_fields()
+    leaves = flag_fields()
     for name, value in (overrides or {}).items():
         if value is None:
             continue

@@ -18,6 +18,7 @@ from trainer import data as data_lib, layout, storage
 from trainer.config import DataConfig
 from trainer.data import SPLITS, Example, Splits
 from trainer.errors import DataError
+from trainer.progress import Progress
 
 MAX_LISTED = 20
 
@@ -89,10 +90,15 @@ def _split_of(splits: Splits) -> dict[str, tuple[str, Example]]:
 
 
 def scan(splits: Splits, data: DataConfig, workers: int = 8) -> Report:
-    """Inspects every image of every split and cross-checks their content hashes."""
+    """Inspects every image of every split (with a progress line on stderr when it takes
+    long) and cross-checks their content hashes."""
     where = _split_of(splits)
+    bar = Progress(len(where), "data check")
+    infos = []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        infos = list(pool.map(lambda p: inspect(p, data.min_image_side), where))
+        for info in pool.map(lambda p: inspect(p, data.min_image_side), where):
+            infos.append(info)
+            bar.update()
     by_hash = collections.defaultdict(list)
     for info in infos:
         if info.problem is None:

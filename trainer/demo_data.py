@@ -9,6 +9,7 @@ Database's layout (images/ and masks/ per class, metadata sheets and a readme at
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -123,6 +124,22 @@ def write_sheet(path: Path, rows: list[tuple]) -> None:
     for row in rows:
         sheet.append(list(row))
     book.save(path)
+
+
+def is_demo_tree(data_dir: str) -> bool:
+    """Whether ``data_dir`` (local) is a tree ``generate`` wrote, or was prepared from one."""
+    if not data_dir or "://" in data_dir:
+        return False
+    root = Path(data_dir)
+    try:
+        if (root / "README.txt").is_file():
+            return (root / "README.txt").read_text().startswith(NOTICE.split(".")[0])
+        if (root / "metadata.json").is_file():  # trainer.prepare's output: look at its source
+            source = json.loads((root / "metadata.json").read_text()).get("source", "")
+            return source != data_dir and is_demo_tree(source)
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def ensure_demo_dataset() -> Path:

@@ -146,7 +146,7 @@ def mirrored_devices() -> list[str]:
 
 
 def make_strategy(name: str, tf_config: Mapping | None = None):
-    """The strategy ``name`` asks for (see resolve_name), logged with its replicas and devices."""
+    """The strategy ``name`` asks for (see resolve_name); logs once which devices it trains on."""
     tf_config = ensure_tf_config() if tf_config is None else tf_config
     resolved = resolve_name(name, tf_config)
     import tensorflow as tf
@@ -161,16 +161,53 @@ def make_strategy(name: str, tf_config: Mapping | None = None):
         strategy = tf.distribute.get_strategy()
     try:
         devices = list(strategy.extended.worker_devices)
-    except RuntimeError:  # the default strategy places ops itself
-        devices = [d.name for d in tf.config.list_logical_devices() if d.device_type != "CPU"] \
-            or ["/cpu:0"]
-    logging.info("strategy: %s (%s), replicas: %d, devices: %s", resolved,
-                 type(strategy).__name__, strategy.num_replicas_in_sync, ", ".join(devices))
+    except RuntimeError:  # the default strategy: TensorFlow places ops on the first GPU
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")][:1] or ["/cpu:0"]
+    logging.info("%s (strategy: %s, replicas: %d)", device_line("training", gpu_models(), devices),
+                 resolved, strategy.num_replicas_in_sync)
     if resolved == "multi_worker":
         me = role(tf_config)
         logging.info("cluster: %d workers; this is %s %d (%s)", me.num_workers, me.task_type,
                      me.task_index, "chief" if me.is_chief else "non-chief")
     return strategy
+
+
+def gpu_models() -> list[str]:
+    """This machine's GPUs as TensorFlow sees them, by model name (e.g. 'NVIDIA L4')."""
+    import tensorflow as tf
+    names = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            names.append(tf.config.experimental.get_device_details(gpu).get("device_name", "GPU"))
+        except (ValueError, RuntimeError):
+            names.append("GPU")
+    return names
+
+
+def device_line(verb: str, gpus: list[str], devices: list[str]) -> str:
+    """What runs where, in plain words: 'training on CPU: no GPU found', 'training on 2 GPUs:
+    GPU:0, GPU:1 (NVIDIA L4)'. ``gpus``: the machine's GPU models; ``devices``: the device
+    names the work is placed on."""
+    used = [d.rsplit("device:", 1)[-1].lstrip("/").upper() for d in devices
+            if "GPU" in d.upper()]
+    if not gpus:
+        where = "CPU" if len(devices) <= 1 else f"{len(devices)} CPU devices"
+        return f"{verb} on {where}: no GPU found"
+    found = f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''} ({', '.join(sorted(set(gpus)))})"
+    if not used:
+        return f"{verb} on CPU although {found} found"
+    line = (f"{verb} on {len(used)} GPU{'s' if len(used) > 1 else ''}: {', '.join(used)} "
+            f"({', '.join(sorted(set(gpus)))})")
+    if len(used) < len(gpus):
+        line += f"; {len(gpus) - len(used)} more unused (--strategy=auto or mirrored uses all)"
+    return line
+
+
+def local_device_line(verb: str) -> str:
+    """``device_line`` for work TensorFlow places itself (on the first GPU, if any)."""
+    import tensorflow as tf
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    return device_line(verb, gpu_models(), gpus[:1] or ["/cpu:0"])
 
 
 def shard_by_data(dataset):

@@ -10,10 +10,11 @@ import io
 import json
 import os
 import re
+import sys
 
 from absl import flags, logging
 
-from trainer import cli, config as config_lib, flags as trainer_flags, runs
+from trainer import cli, config as config_lib, flags as trainer_flags, helptext, runs
 from trainer.config import Config
 from trainer.errors import ConfigError
 
@@ -32,6 +33,20 @@ flags.DEFINE_float("covid_sensitivity", 0.95, "Target sensitivity of the COVID-1
 EVAL_OVERRIDES = ("data_dir", "test_dir", "batch_size", "cache", "cache_limit_mb", "autotune",
                   "model_dir")
 DISPLAY_SIZE = 160  # Grad-CAM panels, pixels
+
+USAGE = helptext.Usage(
+    ("python -m trainer.evaluate --model_dir=RUN [--checkpoint=best|last|FILE] [--gradcam=N]",
+     "python -m trainer.evaluate --model_dir=runs/vanilla-20260102-030405 --gradcam=4",
+     "python -m trainer.evaluate --model_dir=RUN --checkpoint=last --test_dir=/data/hospital-b"),
+    ("model_dir", "checkpoint", "eval_name", "gradcam", "covid_sensitivity",
+     *EVAL_OVERRIDES[:-1]),
+    defaults=helptext.RUN,
+    help=(("model_dir", "The run to evaluate (the folder training wrote), local or gs://. "
+           "Writes RUN/eval/<name>/: report.md and .html, metrics.json, predictions.csv, PNGs."),
+          ("data_dir", "Where the run's training tree is now, if it moved: the test split is "
+           "recomputed from it with the run's seed. Default: the run's data_dir."),
+          ("test_dir", "Evaluate on every image of this tree (one folder per class) instead of "
+           "the run's test split, e.g. another hospital's images.")))
 
 
 @dataclasses.dataclass
@@ -132,14 +147,18 @@ def gradcam_figure(model, examples, picked, probs, config: Config) -> bytes:
 def evaluate(options: Options) -> tuple[str, dict]:
     """Loads, predicts, measures, draws and writes; returns the output folder and metrics."""
     import numpy as np
-    from trainer import metrics, plots, sources as sources_lib, storage
+    from trainer import distribute, metrics, plots, sources as sources_lib, storage
     config = apply_overrides(runs.read_config(options.model_dir), options.overrides)
+    warning = runs.synthetic_warning(config, options.model_dir)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     path = runs.checkpoint_path(options.model_dir, options.checkpoint)
     model = runs.load_model(path)
     runs.check_model_fits(model, config, path)
     other_tree = options.overrides.get("test_dir") is not None
     examples, root, split, source_roots = test_set(config, other_tree)
     classes = config.data.classes
+    logging.info("%s", distribute.local_device_line("evaluating"))
     logging.info("evaluating %s on %d images (%s)", path, len(examples), root)
 
     probs = predict_probabilities(model, examples, config)
@@ -155,7 +174,8 @@ def evaluate(options: Options) -> tuple[str, dict]:
     if sources is not None:
         results["sources"] = metrics.source_breakdown(sources, labels, preds, classes)
     results.update(model_dir=options.model_dir, checkpoint=path, test_root=root, split=split,
-                   counts={"test": np.bincount(labels, minlength=len(classes)).tolist()})
+                   counts={"test": np.bincount(labels, minlength=len(classes)).tolist()},
+                   synthetic_data=warning is not None)
 
     name = _slug(options.name) if options.name else \
         f"{_slug(os.path.splitext(os.path.basename(options.checkpoint))[0])}-{split}"
@@ -173,6 +193,9 @@ def evaluate(options: Options) -> tuple[str, dict]:
     sections = report_sections(results, config, files, options, training)
     from trainer import report
     title = f"Evaluation of {options.model_dir} ({os.path.basename(path)}, {split})"
+    if warning:  # the report's first line says so
+        title = f"SYNTHETIC DEMO DATA, NOT X-RAYS: {title[0].lower()}{title[1:]}"
+        sections.insert(0, report.Section("Warning", [report.Text(warning + ".")]))
     files["report.md"] = report.to_markdown(title, sections)
     files["report.html"] = report.to_html(title, sections)
     write_files(out_dir, files)
@@ -327,7 +350,7 @@ def evaluate_from_flags(argv: list[str]) -> None:
 
 
 def run() -> None:
-    cli.run(evaluate_from_flags)
+    cli.run(evaluate_from_flags, usage=USAGE)
 
 
 if __name__ == "__main__":

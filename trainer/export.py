@@ -9,7 +9,7 @@ from __future__ import annotations
 import tensorflow as tf
 from absl import logging
 
-from trainer import data, models, storage
+from trainer import checkpoints, data, models, storage
 from trainer.config import Config
 
 SIGNATURE = "serving_default"
@@ -44,8 +44,8 @@ def save(model, config: Config, export_dir: str) -> str:
     Locally it is written beside the target and renamed into place, so a crash never leaves
     half an export under the final name.
     """
-    module = ServingModule(model, config.data.image_size, config.data.interpolation,
-                           config.data.classes)
+    module = ServingModule(checkpoints.weights_only(model), config.data.image_size,
+                           config.data.interpolation, config.data.classes)  # no optimizer state
     target = export_dir.rstrip("/")
     staged = target if storage.is_remote(target) else target + ".partial"
     storage.remove_tree(staged)

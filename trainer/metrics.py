@@ -63,22 +63,12 @@ def format_named(values: dict) -> str:
 
 
 def format_per_class(report: dict) -> str:
-    """Per-class table plus the confusion matrix (rows true, columns predicted)."""
-    classes = report["classes"]
-    width = max(len(c) for c in classes) + 2
-    head = f"{'class':<{width}}{'sensitivity':>12}{'specificity':>12}{'precision':>11}" \
-           f"{'f1':>8}{'support':>9}"
-    lines = [head]
-    for name in classes:
-        r = report["per_class"][name]
-        lines.append(f"{name:<{width}}{r['sensitivity']:>12.3f}{r['specificity']:>12.3f}"
-                     f"{r['precision']:>11.3f}{r['f1']:>8.3f}{r['support']:>9d}")
-    lines.append("")
-    lines.append("confusion matrix (rows: true, columns: predicted)")
-    lines.append(" " * width + "".join(f"{c[:10]:>12}" for c in classes))
-    for name, row in zip(classes, report["confusion_matrix"]):
-        lines.append(f"{name:<{width}}" + "".join(f"{v:>12d}" for v in row))
-    return "\n".join(lines)
+    """Per-class table plus the confusion matrix (rows true, columns predicted), every class
+    name in full."""
+    head = ["class", "sensitivity", "specificity", "precision", "f1", "support"]
+    rows = [[name, *(f"{r[k]:.3f}" for k in head[1:5]), str(r["support"])]
+            for name, r in ((n, report["per_class"][n]) for n in report["classes"])]
+    return "\n".join([format_table(head, rows), "", _confusion_table(report)])
 
 
 def wilson_interval(successes: int, n: int, z: float = Z_95) -> list[float] | None:
@@ -216,10 +206,14 @@ def format_clinical(report: dict) -> str:
     head, rows = clinical_rows(report)
     acc = f"accuracy {report['accuracy']:.3f} (95% CI {_ci(report['accuracy_ci95'])}, " \
           f"n={report['n']})"
-    cm_head = ["true \\ predicted"] + report["classes"]
-    cm_rows = [[name] + [str(v) for v in row]
-               for name, row in zip(report["classes"], report["confusion_matrix"])]
-    return "\n".join([format_table(head, rows), "", acc, "", format_table(cm_head, cm_rows)])
+    return "\n".join([format_table(head, rows), "", acc, "", _confusion_table(report)])
+
+
+def _confusion_table(report: dict) -> str:
+    head = ["true \\ predicted"] + report["classes"]
+    rows = [[name] + [str(v) for v in row]
+            for name, row in zip(report["classes"], report["confusion_matrix"])]
+    return format_table(head, rows)
 
 
 def tutorial_metrics(y_true: np.ndarray, y_prob: np.ndarray, n_classes: int) -> dict:

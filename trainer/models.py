@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import ssl
 import tempfile
+import urllib.error
+import urllib.parse
 from typing import Callable
 
 from trainer.config import AugmentConfig, ModelConfig, border_pixels
@@ -212,6 +216,20 @@ def build_densenet121(model: ModelConfig, image_size: int, n_classes: int,
                      n_classes, augment)
 
 
+def resolve_base_weights(model: ModelConfig) -> None:
+    """Makes sure the base weights can be had, before the run writes anything: the ImageNet
+    file in Keras' cache (downloaded now if missing), or the given weights file exists."""
+    spec = REGISTRY.get(model.architecture)
+    if spec is None or not spec.imagenet_weights or model.weights == "none":
+        return
+    if model.weights == "imagenet":
+        _imagenet_file(spec.imagenet_weights)
+        return
+    from trainer import storage
+    if not storage.exists(model.weights):
+        raise ConfigError(f"--weights: no such weights file: {model.weights}")
+
+
 def load_base_weights(base, weights: str,
                       imagenet_weights: str = f"inception_v3/{IMAGENET_NOTOP_FILE}") -> None:
     """Loads 'imagenet' (Keras' cache or download), nothing for 'none', or a file (local/gs://)."""
@@ -240,9 +258,34 @@ def _imagenet_file(imagenet_weights: str) -> str:
         return keras.utils.get_file(filename, url, cache_subdir="models")
     except Exception as err:  # any network failure: the message below says what to do
         raise ConfigError(
-            f"--weights=imagenet: cannot download the ImageNet weights ({type(err).__name__}); "
-            f"this machine may be offline. Download {filename} elsewhere and pass "
-            f"--weights=PATH (local or gs://), or put it in ~/.keras/models/") from None
+            f"--weights=imagenet: cannot download the ImageNet weights from "
+            f"{urllib.parse.urlsplit(url).hostname}: {network_cause(err)}; this machine may be "
+            f"offline. Download {filename} elsewhere and pass --weights=PATH (local "
+            f"or gs://) or put it in ~/.keras/models/, or train from scratch with "
+            f"--weights=none") from None
+
+
+def network_cause(err: BaseException) -> str:
+    """The failure underneath a download error, in words: 'DNS lookup failed ([Errno -2] Name
+    or service not known)', 'connection refused (...)', 'HTTP 403 Forbidden', ...
+    (Keras' get_file raises a bare Exception with the URLError as its context.)"""
+    seen, chain = err, []
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for error in chain:
+        if isinstance(error, urllib.error.HTTPError):
+            return f"HTTP {error.code} {error.reason}"
+        if isinstance(error, urllib.error.URLError):
+            reason = error.reason
+            kinds = [(socket.gaierror, "DNS lookup failed"), (ssl.SSLError, "TLS error"),
+                     (ConnectionRefusedError, "connection refused"),
+                     (TimeoutError, "connection timed out"), (OSError, "connection error")]
+            what = next((words for kind, words in kinds if isinstance(reason, kind)),
+                        "network error")
+            return f"{what} ({reason})"
+    first = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 class _local_copy:

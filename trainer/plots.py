@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import textwrap
 
 import numpy as np
 from matplotlib import colormaps
@@ -37,13 +38,45 @@ def confusion_matrix_png(cm: list[list[int]], classes: list[str]) -> bytes:
             ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
                     color="white" if share[i, j] > 0.5 else "black")
     ticks = np.arange(len(classes))
-    ax.set_xticks(ticks, classes, rotation=20, ha="right")
-    ax.set_yticks(ticks, classes)
+    ax.set_xticks(ticks, [wrapped(c) for c in classes], rotation=20, ha="right")
+    ax.set_yticks(ticks, [wrapped(c) for c in classes])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"Confusion matrix (n={cm.sum()})")
     fig.colorbar(im, ax=ax, label="share of the true class")
     return _png(fig)
+
+
+LINE_STYLES = ("-", "--", "-.", (0, (1, 1.5)))
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def along(x: np.ndarray, y: np.ndarray, start: float, step: float) -> tuple:
+    """Points every ``step`` of the curve's length from ``start``: marker positions that lie
+    on the curve even where it has few vertices (a perfect ROC has three)."""
+    length = np.r_[0, np.cumsum(np.hypot(np.diff(x), np.diff(y)))]
+    at = np.arange(start, length[-1], step)
+    return np.interp(at, length, x), np.interp(at, length, y)
+
+
+MARKER_STEP = 0.3  # curve length between two markers of one class (axes run 0 to 1)
+
+
+def draw_curve(ax, x, y, index: int, count: int, label: str) -> None:
+    """Class ``index`` of ``count``: its own dash pattern, width and markers, the markers
+    placed between the other classes', so curves that coincide (equal AUCs) stay visible."""
+    line, = ax.plot(x, y, linestyle=LINE_STYLES[index % len(LINE_STYLES)],
+                    linewidth=2.4 - 0.5 * (index % 3), marker=MARKERS[index % len(MARKERS)],
+                    markersize=6, markerfacecolor="none", markevery=[], label=label)
+    start = MARKER_STEP * (index + 0.5) / max(count, 1)
+    mx, my = along(np.asarray(x, float), np.asarray(y, float), start, MARKER_STEP)
+    ax.plot(mx, my, linestyle="none", marker=line.get_marker(), markersize=6,
+            markerfacecolor="none", color=line.get_color())
+
+
+def wrapped(name: str, width: int = 16) -> str:
+    """A class name broken over lines at spaces (never cut)."""
+    return "\n".join(textwrap.wrap(name, width, break_long_words=False)) or name
 
 
 def roc_png(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
@@ -58,7 +91,7 @@ def roc_png(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
             continue
         fpr, tpr, _ = skm.roc_curve(positive, np.asarray(y_prob)[:, i])
         auc = skm.auc(fpr, tpr)
-        ax.plot(fpr, tpr, linewidth=1.8, label=f"{name} (AUC {auc:.3f})")
+        draw_curve(ax, fpr, tpr, i, len(classes), f"{name} (AUC {auc:.3f})")
     if operating:
         ax.plot(1 - operating["specificity"], operating["sensitivity"], "k*", markersize=12,
                 label=f"{classes[operating_class]} at p >= {operating['threshold']:.3g}: "
@@ -85,6 +118,12 @@ class CamCell:
     name: str = ""
 
 
+def cam_title(cell: CamCell) -> str:
+    """'true X' over 'pred Y 0.87', class names in full (wrapped at spaces when long)."""
+    return f"{wrapped('true ' + cell.true, 30)}\n" \
+        f"{wrapped(f'pred {cell.predicted} {cell.probability:.2f}', 30)}"
+
+
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """The image blended with the heatmap in the jet colour map, float RGB in [0, 1]."""
     colours = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
@@ -108,7 +147,5 @@ def gradcam_png(rows: list[list[CamCell]], row_titles: list[str]) -> bytes:
             cell = cells[c]
             ax.imshow(overlay(cell.image, cell.heatmap))
             ok = cell.true == cell.predicted
-            ax.set_title(f"true {cell.true[:12]}\npred {cell.predicted[:12]} "
-                         f"{cell.probability:.2f}", fontsize=7,
-                         color="darkgreen" if ok else "red")
+            ax.set_title(cam_title(cell), fontsize=7, color="darkgreen" if ok else "red")
     return _png(fig)

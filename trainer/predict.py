@@ -14,7 +14,7 @@ import sys
 
 from absl import flags, logging
 
-from trainer import cli, flags as trainer_flags, runs
+from trainer import cli, flags as trainer_flags, helptext, runs
 from trainer.errors import ConfigError, DataError, ExitStatus
 
 trainer_flags.define_config_flags()
@@ -22,6 +22,15 @@ trainer_flags.define_checkpoint_flag()
 flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format on stdout.")
 
 CHUNK = 64  # images decoded and predicted together
+
+USAGE = helptext.Usage(
+    ("python -m trainer.predict --model_dir=RUN [--format=json|csv] IMAGE_OR_DIR...",
+     "python -m trainer.predict --model_dir=runs/vanilla-20260102-030405 scan.png",
+     "python -m trainer.predict --model_dir=RUN --format=csv folder/ > predictions.csv"),
+    ("model_dir", "checkpoint", "format"),
+    defaults=helptext.RUN,
+    help=(("model_dir", "The run whose model predicts (the folder training wrote), local or "
+           "gs://. Its config.yaml fixes the image size and classes."),))
 
 
 def expand(paths: list[str]) -> tuple[list[str], list[str]]:
@@ -90,21 +99,26 @@ def format_results(results: list, classes: list[str], kind: str) -> str:
         return out.getvalue().rstrip("\n")
     width = max([len("path")] + [len(r["path"]) for r in rows])
     cls_width = max(len("class"), *(len(c) for c in classes))
+    columns = [max(len(c), 6) for c in classes]  # class names in full, never cut
     lines = [f"{'path':<{width}}  {'class':<{cls_width}}" +
-             "".join(f"  {c[:15]:>15}" for c in classes)]
+             "".join(f"  {c:>{w}}" for c, w in zip(classes, columns))]
     for r in rows:
         lines.append(f"{r['path']:<{width}}  {r['class']:<{cls_width}}" +
-                     "".join(f"  {r['probabilities'][c]:>15.4f}" for c in classes))
+                     "".join(f"  {r['probabilities'][c]:>{w}.4f}" for c, w in zip(classes, columns)))
     return "\n".join(lines)
 
 
 def predict(model_dir: str, paths: list[str], checkpoint: str = "best",
             kind: str = "table") -> tuple[str, list[str]]:
-    """(formatted results, error lines) for the given files and folders."""
+    """(formatted results, error lines) for the given files and folders; a warning on stderr
+    first when the run was trained on the synthetic demo data."""
     if not paths:
         raise ConfigError("no images given: python -m trainer.predict --model_dir=RUN "
                           "IMAGE_OR_DIR...")
     config = runs.read_config(model_dir)
+    warning = runs.synthetic_warning(config, model_dir)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     files, errors = expand(paths)
     path = runs.checkpoint_path(model_dir, checkpoint)
     model = runs.load_model(path)
@@ -115,6 +129,11 @@ def predict(model_dir: str, paths: list[str], checkpoint: str = "best",
 
 def predict_from_flags(argv: list[str]) -> int:
     f = trainer_flags.FLAGS
+    ignored = [name for name in ("model", "config", *trainer_flags.overrides())
+               if name != "model_dir" and f[name].value is not None]
+    if ignored:
+        raise ConfigError(f"--{ignored[0]} does not apply to predict: the run's config.yaml fixes "
+                          "it (predict takes --model_dir, --checkpoint, --format and images)")
     text, errors = predict(f.model_dir or "", argv[1:], f.checkpoint, f.format)
     if text:
         print(text)
@@ -124,7 +143,7 @@ def predict_from_flags(argv: list[str]) -> int:
 
 
 def run() -> None:
-    cli.run(predict_from_flags, positional=True, verbosity=logging.WARNING)
+    cli.run(predict_from_flags, usage=USAGE, positional=True, verbosity=logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
-import sys
-import time
 
 from absl import flags, logging
 
-from trainer import cli, config as config_lib, flags as trainer_flags
+from trainer import cli, config as config_lib, flags as trainer_flags, helptext
 from trainer.errors import ConfigError
+from trainer.progress import Progress
 
 KEEP_AS_IS = {"PNG", "JPEG"}  # formats that both the pipeline and TFDS's Image decode as stored
 
@@ -43,6 +42,15 @@ flags.DEFINE_boolean("check_only", False, "Only run the data check on --src (bad
                      "files, duplicates, leakage) with training's split; write nothing.")
 
 
+USAGE = helptext.Usage(
+    ("python -m trainer.prepare --src=DIR --dst=DIR [--max_side=N] [--dry_run | --check_only]",
+     "python -m trainer.prepare --src=/data/cxr --dst=/data/cxr-prepared --dry_run",
+     "python -m trainer.prepare --check_only --src=/data/cxr   (the data check alone)"),
+    ("src", "dst", "max_side", "shard_mb", "workers", "dry_run", "check_only", "model", "config",
+     "test_dir", "classes", "seed", "validation_split", "test_per_class", "group_by", "holdout_sources", "val_sources",
+     "check", "on_bad_image", "on_leak", "min_image_side"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What the output depends on; a resumed run must use the same."""
@@ -56,6 +64,8 @@ class Settings:
     source: str
     test_source: str
     holdout_sources: tuple = ()
+    group_by: str = ""
+    val_sources: tuple = ()
 
 
 # ----------------------------------------------------------------------------- planning
@@ -117,40 +127,6 @@ def encode_example(example, max_side: int):
     return prepared.Encoded(image, hashlib.sha256(raw).hexdigest(), stored)
 
 
-# ----------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """One status line with rate and ETA on stderr (redrawn on a terminal, every 10 s in logs)."""
-
-    def __init__(self, total: int, what: str = "images"):
-        self.total, self.what, self.done = total, what, 0
-        self.start = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.time()
-        if self.done >= self.total or (self.tty and now - self.last >= 0.2) or now - self.last >= 10:
-            self.last = now
-            self._show(now)
-
-    def _show(self, now: float) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else 0
-        line = (f"prepare: {self.done}/{self.total} {self.what} "
-                f"({100 * self.done / max(self.total, 1):.0f}%) {rate:.1f}/s "
-                f"elapsed {_clock(elapsed)} ETA {_clock(left)}")
-        end = "\n" if not self.tty or self.done >= self.total else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds + 0.5)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -204,7 +180,8 @@ def prepare(config: config_lib.Config, src: str, dst: str, max_side: int, shard_
     settings = Settings(data_config.seed, data_config.validation_split,
                         data_config.test_per_class, max_side, shard_mb,
                         tuple(data_config.classes), src, data_config.test_dir,
-                        tuple(data_config.holdout_sources))
+                        tuple(data_config.holdout_sources), data_config.group_by,
+                        tuple(data_config.val_sources))
     splits = data.make_splits(data_config)
     if dry_run:
         source_bytes = None
@@ -225,7 +202,7 @@ def prepare(config: config_lib.Config, src: str, dst: str, max_side: int, shard_
         splits = validate_splits(splits, data_config)
     splits = with_sources(splits, data_config)
     logging.info("preparing %s -> %s\n%s", src, dst, plan_text(splits, settings, None))
-    bar = Progress(sum(len(getattr(splits, name)) for name in data.SPLITS))
+    bar = Progress(sum(len(getattr(splits, name)) for name in data.SPLITS), "prepare")
     feats = prepared.features(splits.classes)
     test_tree = data_config.test_dir or src
 
@@ -272,7 +249,7 @@ def prepare_from_flags(argv: list[str]) -> None:
 
 
 def run() -> None:
-    cli.run(prepare_from_flags)
+    cli.run(prepare_from_flags, usage=USAGE)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def load_splits(data: DataConfig):
         raise DataError(f"{root}: prepared for classes {classes}, but the config says "
                         f"{list(data.classes)} (--classes); prepare again or change --classes")
     settings = meta.get("settings", {})
-    differ = [k for k in ("seed", "validation_split", "test_per_class", "holdout_sources")
+    differ = [k for k in ("seed", "validation_split", "test_per_class", "group_by",
+                          "holdout_sources", "val_sources")
               if k in settings and list_or_value(settings[k]) != list_or_value(getattr(data, k))]
     if differ:
         logging.warning("%s: the splits come from the prepared dataset, made with %s; the "

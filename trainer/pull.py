@@ -5,7 +5,8 @@ the best model: config.yaml, checkpoints/best.*, metrics.json, history.csv and e
 progress. A local file whose size and CRC32C already match is skipped; each download is
 verified against the object's CRC32C before it replaces anything; a local file that differs
 is never replaced without ``--force`` (the command then stops before downloading anything).
-DEST defaults to ./runs/NAME. Credentials come from the environment only.
+DEST defaults to ./runs/NAME. Credentials come from the environment only. TensorFlow (behind
+trainer.storage) is imported inside the functions, after the flags are parsed.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 
 from absl import flags, logging
 
-from trainer import cli, storage
+from trainer import cli, helptext
 from trainer.errors import ConfigError, ExitStatus, TrainerError
 
 BEST_ONLY = ("config.yaml", "metrics.json", "history.csv", "checkpoints/best.keras",
@@ -26,6 +27,12 @@ BEST_ONLY_FOLDERS = ("export/",)
 flags.DEFINE_boolean("best_only", False, "Only config.yaml, the best checkpoint, metrics.json, "
                      "history.csv and export/ (no last checkpoint, logs or backup).")
 flags.DEFINE_boolean("force", False, "Replace local files that differ from the bucket's.")
+
+USAGE = helptext.Usage(
+    ("python -m trainer.pull gs://BUCKET/runs/NAME [DEST] [--best_only] [--force]",
+     "python -m trainer.pull gs://my-bucket/runs/v1    (into ./runs/v1)",
+     "python -m trainer.pull gs://my-bucket/runs/v1 /tmp/v1 --best_only"),
+    ("best_only", "force"))
 
 
 class TransferError(TrainerError):
@@ -48,6 +55,7 @@ def wanted(name: str, best_only: bool) -> bool:
 
 
 def default_dest(url: str) -> str:
+    from trainer import storage
     _, prefix = storage.split_gcs_url(url)
     return os.path.join("runs", prefix.rsplit("/", 1)[-1] or "run")
 
@@ -57,6 +65,7 @@ def local_path(dest: str, name: str) -> str:
 
 
 def same_file(path: str, obj: storage.RemoteObject) -> bool:
+    from trainer import storage
     return os.path.getsize(path) == obj.size and storage.crc32c_of_file(path) == obj.crc32c
 
 
@@ -75,6 +84,7 @@ def plan(objects: list, dest: str) -> Plan:
 
 def fetch(url: str, obj: storage.RemoteObject, dest: str, client) -> None:
     """Downloads beside the target, checks the CRC32C, then renames over it."""
+    from trainer import storage
     path = local_path(dest, obj.name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = path + ".partial"
@@ -99,6 +109,7 @@ def fetch(url: str, obj: storage.RemoteObject, dest: str, client) -> None:
 def pull(url: str, dest: str | None = None, best_only: bool = False, force: bool = False,
          client=None) -> Plan:
     """Brings the run at ``url`` to ``dest``; returns what was planned (downloaded, skipped)."""
+    from trainer import storage
     if not url.startswith("gs://") or not storage.split_gcs_url(url)[1]:
         raise ConfigError(f"expected a run in a bucket, gs://BUCKET/PATH; got {url!r}")
     dest = dest or default_dest(url)
@@ -141,7 +152,7 @@ def pull_from_flags(argv: list[str]) -> int | None:
 
 
 def run() -> None:
-    cli.run(pull_from_flags, positional=True)
+    cli.run(pull_from_flags, usage=USAGE, positional=True)
 
 
 if __name__ == "__main__":
