@@ -193,3 +193,14 @@ def test_the_log_says_each_epoch_briefly_why_training_stopped_and_what_is_kept(
     best = json.loads((Path(tiny_config.output.model_dir) / "checkpoints" / "best.json").read_text())
     assert f"keeping checkpoints/best.keras from epoch {best['epoch']} (lowest val_loss: " \
            f"{best['value']:.4f})" in lines
+
+
+def test_keys_the_trainer_sets_do_not_block_a_resume():
+    """A demo run interrupted before data.synthetic existed reads it as False; the trainer now
+    sets it to True: that is no change of the user's settings."""
+    old = config_lib.load("vanilla", overrides={"data_dir": "/d"})
+    new = config_lib.load("vanilla", overrides={"data_dir": "/d"})
+    new.data.synthetic = True
+    assert train.config_changes(old, new) == []
+    new.data.image_size = 32
+    assert train.config_changes(old, new) == ["data.image_size: 50 -> 32"]

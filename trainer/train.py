@@ -32,13 +32,16 @@ def default_model_dir(architecture: str, now: datetime.datetime | None = None) -
 
 
 def config_changes(old: Config, new: Config) -> list[str]:
-    """'section.key: old -> new' for each training-relevant difference."""
+    """'section.key: old -> new' for each training-relevant difference a user made (keys the
+    trainer sets itself, such as data.synthetic, are not compared: a run from before they
+    existed resumes)."""
+    chosen = config_lib.flag_fields()
     changes = []
     for section in COMPARED_SECTIONS:
         before = dataclasses.asdict(getattr(old, section))
         after = dataclasses.asdict(getattr(new, section))
         changes += [f"{section}.{k}: {before[k]!r} -> {after[k]!r}"
-                    for k in after if before.get(k) != after[k]]
+                    for k in after if k in chosen and before.get(k) != after[k]]
     return changes
 
 
