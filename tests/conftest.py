@@ -97,3 +97,17 @@ def float_input_model(image_size: int, n_classes: int = 3):
     inputs = keras.Input((image_size, image_size, 3))
     return keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax")(
         keras.layers.Flatten()(inputs)))
+
+
+def tree_with_sources(root: Path, covid: tuple = ("a", "b"), others: tuple = ("k",)) -> Path:
+    """A demo tree (20 images per class) plus manifest.csv: the COVID-19 images from the
+    ``covid`` sources and the other classes' from ``others``, taken in turn."""
+    from trainer import config as config_lib, demo_data
+    demo_data.generate(root, images_per_class=20, seed=4)
+    rows = ["relpath,label,source"]
+    for cls in config_lib.TUTORIAL_CLASSES:
+        sources = covid if cls == "COVID-19" else others
+        for i, f in enumerate(sorted((root / cls).iterdir())):
+            rows.append(f"{cls}/{f.name},{cls},{sources[i % len(sources)]}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
+from conftest import tree_with_sources
 from trainer import config as config_lib, data, demo_data
 from trainer.errors import DataError
 
@@ -361,15 +362,8 @@ def test_real_cxr3_tree_lists_and_splits(cxr3):
 
 
 def _tree_with_sources(root: Path) -> Path:
-    """A demo tree plus manifest.csv: COVID-19 from sources a and b, the rest from k."""
-    demo_data.generate(root, images_per_class=20, seed=4)
-    rows = ["relpath,label,source"]
-    for cls in config_lib.TUTORIAL_CLASSES:
-        for i, f in enumerate(sorted((root / cls).iterdir())):
-            source = ("a" if i % 2 else "b") if cls == "COVID-19" else "k"
-            rows.append(f"{cls}/{f.name},{cls},{source}")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return root
+    """COVID-19 from sources b and a (in turn), the rest from k."""
+    return tree_with_sources(root, ("b", "a"), ("k",))
 
 
 def test_holdout_sources_go_to_test_only(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from conftest import tree_with_sources
 from trainer import config as config_lib, data, demo_data, models, sources
 from trainer.errors import ConfigError, DataError
 
@@ -136,16 +137,9 @@ def test_grouped_split_of_the_real_cxr3_tree(cxr3):
 
 # --- validation on a held-out source --------------------------------------------------------
 
-def _tree_with_sources(root: Path, sources_by_class=None) -> Path:
-    """A demo tree plus manifest.csv: COVID-19 from sources a and b, the rest from k and m."""
-    demo_data.generate(root, images_per_class=20, seed=4)
-    rows = ["relpath,label,source"]
-    for cls in config_lib.TUTORIAL_CLASSES:
-        for i, f in enumerate(sorted((root / cls).iterdir())):
-            source = (("a", "b") if cls == "COVID-19" else ("k", "m"))[i % 2]
-            rows.append(f"{cls}/{f.name},{cls},{source}")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return root
+def _tree_with_sources(root: Path) -> Path:
+    """COVID-19 from sources a and b, the rest from k and m."""
+    return tree_with_sources(root, ("a", "b"), ("k", "m"))
 
 
 def test_val_sources_are_the_whole_validation_split(tmp_path):
