@@ -40,7 +40,7 @@ class NanAfter(keras.layers.Layer):
 @pytest.fixture
 def nan_model():
     """Registers a small model whose output turns NaN at its 7th training step."""
-    def build(model, image_size, n_classes):
+    def build(model, image_size, n_classes, augment):
         inputs = keras.Input((image_size, image_size, 3))
         x = keras.layers.Flatten()(NanAfter(6)(inputs))
         return keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax")(x))

@@ -146,7 +146,7 @@ def _tree(root: Path, kind: str) -> str:
         return str(root / "demo")
     if kind == "prepared-demo":
         (root / "prepared").mkdir()
-        (root / "prepared" / "manifest.json").write_text(json.dumps(
+        (root / "prepared" / "metadata.json").write_text(json.dumps(
             {"source": _tree(root, "demo")}))
         return str(root / "prepared")
     if kind == "own":
