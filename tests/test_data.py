@@ -12,7 +12,7 @@ from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
 from conftest import tree_with_sources
-from trainer import config as config_lib, data, demo_data
+from trainer import config as config_lib, data
 from trainer.errors import DataError
 
 GRADIENT = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
@@ -377,32 +377,6 @@ def test_holdout_sources_go_to_test_only(tmp_path):
         assert "b" not in data.read_sources(str(root), getattr(splits, name))
     assert sum(s == "b" for s in sources.values()) == 10  # every image of the held-out source
     assert splits.counts()["test"] == [12, 2, 2]
-
-
-@pytest.mark.parametrize("manifest, holdout, message", [
-    (None, ["b"], "--holdout_sources needs"),
-    ("relpath,label\n", ["b"], "--holdout_sources needs"),
-    ("relpath,label,source\nCOVID-19/demo-000.png,COVID-19,a\n", ["z"],
-     "--holdout_sources: no images from z in manifest.csv (sources: a, unknown)"),
-])
-def test_bad_holdout_sources(tmp_path, manifest, holdout, message):
-    root = tmp_path / "data"
-    demo_data.generate(root, images_per_class=4, seed=4)
-    if manifest is not None:
-        (root / "manifest.csv").write_text(manifest)
-    config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_per_class": 1,
-                                                   "holdout_sources": holdout})
-    with pytest.raises(DataError) as err:
-        data.make_splits(config.data)
-    assert message in str(err.value)
-
-
-def test_holding_out_every_source_of_a_class_is_refused(tmp_path):
-    root = _tree_with_sources(tmp_path / "data")
-    config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_per_class": 2,
-                                                   "holdout_sources": ["a", "b"]})
-    with pytest.raises(DataError, match="training split has no images of class 'COVID-19'"):
-        data.make_splits(config.data)
 
 
 def test_test_metrics_are_broken_down_by_source(tmp_path):

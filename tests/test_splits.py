@@ -166,6 +166,10 @@ def test_val_and_holdout_sources_together(tmp_path):
 
 
 @pytest.mark.parametrize("manifest, overrides, message", [
+    (None, {"holdout_sources": ["b"]}, "--holdout_sources needs"),
+    ("relpath,label\n", {"holdout_sources": ["b"]}, "--holdout_sources needs"),
+    ("relpath,label,source\nCOVID-19/demo-000.png,COVID-19,a\n", {"holdout_sources": ["z"]},
+     "--holdout_sources: no images from z in manifest.csv (sources: a, unknown)"),
     (None, {"val_sources": ["b"]}, "--val_sources needs"),
     ("relpath,label\n", {"val_sources": ["b"]}, "--val_sources needs"),
     ("relpath,label,source\nCOVID-19/demo-000.png,COVID-19,a\n", {"val_sources": ["z"]},
@@ -174,7 +178,7 @@ def test_val_and_holdout_sources_together(tmp_path):
      {"val_sources": ["a"], "holdout_sources": ["z"]},
      "--holdout_sources: no images from z in manifest.csv"),
 ])
-def test_bad_val_sources(tmp_path, manifest, overrides, message):
+def test_bad_holdout_or_val_sources(tmp_path, manifest, overrides, message):
     root = tmp_path / "data"
     demo_data.generate(root, images_per_class=4, seed=4)
     if manifest is not None:
@@ -186,10 +190,11 @@ def test_bad_val_sources(tmp_path, manifest, overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_validating_on_every_source_of_a_class_is_refused(tmp_path):
+@pytest.mark.parametrize("flag", ["holdout_sources", "val_sources"])
+def test_taking_every_source_of_a_class_out_of_training_is_refused(tmp_path, flag):
     root = _tree_with_sources(tmp_path / "data")
     config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_per_class": 2,
-                                                   "val_sources": ["a", "b"]})
+                                                   flag: ["a", "b"]})
     with pytest.raises(DataError, match="training split has no images of class 'COVID-19'"):
         data.make_splits(config.data)
 
