@@ -18,8 +18,6 @@ import tensorflow as tf
 from trainer import augment, intensity  # noqa: F401 (registers the models' own layers for loading)
 from trainer.keras_api import keras
 
-LOSS = "categorical_crossentropy"  # as train.compile_model: for evaluating a weights-only file
-
 _WEIGHTS_ONLY = weakref.WeakKeyDictionary()  # model -> its uncompiled copy, made once
 
 
@@ -60,5 +58,5 @@ def load(path: str):
         tf.io.gfile.copy(path, local, overwrite=True)
         model = keras.models.load_model(local)
     if model.optimizer is None:
-        model.compile(loss=LOSS, metrics=metrics.compiled_metrics())
+        model.compile(loss=metrics.LOSS, metrics=metrics.compiled_metrics())
     return model

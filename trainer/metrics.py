@@ -12,6 +12,7 @@ from sklearn import metrics as skm
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
 AVERAGED = ("sensitivity", "specificity", "ppv", "npv", "f1", "auc")
+LOSS = "categorical_crossentropy"  # the loss every model is compiled with (train, checkpoints)
 TUTORIAL_NAMES = ("loss", "accuracy", "tp", "fp", "tn", "fn", "precision", "recall", "auc")
 
 

@@ -127,7 +127,7 @@ def scaled_learning_rate(config: Config, replicas: int) -> float:
 def compile_model(model, config: Config, learning_rate: float | None = None) -> None:
     rate = config.train.learning_rate if learning_rate is None else learning_rate
     model.compile(optimizer=keras.optimizers.Adam(rate),
-                  loss="categorical_crossentropy", metrics=metrics.compiled_metrics(),
+                  loss=metrics.LOSS, metrics=metrics.compiled_metrics(),
                   jit_compile=config.runtime.jit_compile)
 
 
