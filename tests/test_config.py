@@ -67,6 +67,8 @@ INVALID_YAML = [
     ("train:\n  epochs: 2.5\n", "train.epochs must be an integer"),
     ("train:\n  epochs: true\n", "train.epochs must be an integer"),
     ("data:\n  classes: COVID-19\n", "data.classes must be a list of strings"),
+    ("model:\n  lung_box: [0.1, a, 0.9, 0.9]\n", "model.lung_box must be a list of numbers"),
+    ("model:\n  lung_box: 0.5\n", "model.lung_box must be a list of numbers"),
     ("output:\n  overwrite: 1\n", "output.overwrite must be true or false"),
     ("train: 3\n", "section 'train' must be a mapping"),
     ("- a\n- b\n", "expected a mapping of sections"),
@@ -145,6 +147,9 @@ VALID_NEW_VALUES = [
     {"architecture": "densenet121", "weights": "none", "image_size": 32},
     {"architecture": "small_cnn", "image_size": 16}, {"preprocess": "torch"},
     {"model": "robust"}, {"model": "robust-densenet", "weights": "none"},
+    {"lung_crop": True}, {"lung_crop": True, "lung_margin": 0.0},
+    {"lung_crop": True, "lung_margin": 0.49}, {"model": "robust", "lung_crop": True,
+                                               "border_crop": 0.0},
 ]
 
 
@@ -193,6 +198,11 @@ INVALID_NEW_VALUES = [
     ({"val_sources": ["x"], "holdout_sources": ["x"]}, "both name x"),
     ({"val_sources": "x"}, "--val_sources must be a list of strings"),
     ({"model": "robust", "architecture": "resnet"}, "unknown model 'resnet'"),
+    ({"lung_margin": 0.5}, "model.lung_margin (--lung_margin) must be in [0, 0.5), got 0.5"),
+    ({"lung_margin": -0.1}, "model.lung_margin (--lung_margin) must be in [0, 0.5)"),
+    ({"lung_crop": True, "border_crop": 0.05},
+     "model.border_crop (--border_crop) must be 0 with --lung_crop"),
+    ({"model": "robust", "lung_crop": True}, "must be 0 with --lung_crop"),
 ]
 
 

@@ -113,27 +113,43 @@ def _encoded(seed: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module", params=["equalize", "percentile"])
+INPUT_RECIPES = {  # what the model does to its input before the network, one trained run each
+    "equalize": {"intensity": "equalize", "border_crop": 0.1},
+    "percentile": {"intensity": "percentile", "border_crop": 0.1},
+    "lung-crop": {"intensity": "percentile", "lung_crop": True},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(INPUT_RECIPES))
 def normalised_run(request, tmp_path_factory) -> Path:
-    """A tiny trained vanilla run with the normalisation, border crop and augmentation on."""
+    """A tiny trained vanilla run with normalisation, a border or lung-field crop, and
+    augmentation on (the lung crop on the database layout, whose masks it measures)."""
     from trainer import demo_data, train
     root = tmp_path_factory.mktemp(f"intensity-{request.param}")
-    demo_data.generate(root / "data", images_per_class=16, seed=3)
+    recipe = INPUT_RECIPES[request.param]
+    classes = list(config_lib.TUTORIAL_CLASSES)
+    if recipe.get("lung_crop"):
+        classes = ["COVID", "Normal", "Viral Pneumonia"]
+        demo_data.generate_database(root / "data", 16, seed=3, classes=classes, sheets=False)
+    else:
+        demo_data.generate(root / "data", images_per_class=16, seed=3)
     config = config_lib.load("vanilla", overrides={
-        "data_dir": str(root / "data"), "image_size": 20, "test_per_class": 4, "batch_size": 16,
-        "epochs": 2, "model_dir": str(root / "run"), "intensity": request.param,
-        "border_crop": 0.1, "augment": True, "blur": 1.0})
+        "data_dir": str(root / "data"), "classes": classes, "image_size": 20,
+        "test_per_class": 4, "batch_size": 16, "epochs": 2, "model_dir": str(root / "run"),
+        "augment": True, "blur": 1.0, **recipe})
     train.run(config)
     return root / "run"
 
 
 def test_the_run_records_and_the_checkpoint_carries_the_normalisation(normalised_run):
     config = runs.read_config(str(normalised_run))
-    assert config.model.intensity in ("equalize", "percentile")
-    assert config.model.border_crop == 0.1 and config.augment.augment
+    assert config.model.intensity in ("equalize", "percentile") and config.augment.augment
+    assert (config.model.border_crop, bool(config.model.lung_box)) in ((0.1, False), (0.0, True))
     model = runs.load_model(str(normalised_run / "checkpoints" / "best.keras"))
     kinds = {type(layer) for layer in model.layers}
     assert kinds & {intensity.HistogramEqualization, intensity.PercentileNormalization}
+    names = {layer.name for layer in model.layers}
+    assert ("lung_crop" in names) == bool(config.model.lung_box)
 
 
 def test_train_evaluate_predict_and_export_agree(normalised_run, tmp_path):

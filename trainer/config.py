@@ -100,6 +100,16 @@ class ModelConfig:
     border_crop: float = _field(0.0, "Fraction of each side cut off inside the model, before "
                                 "anything else (burnt-in markers and text sit at the edges): the "
                                 "network sees image_size - 2 x round(image_size x border_crop) px.")
+    lung_crop: bool = _field(False, "Crop every image to the lung field: the box that holds the "
+                             "lungs of 95% of the training images' masks (CLASS/masks/, same "
+                             "names) on each side, measured when training starts, recorded as "
+                             "model.lung_box and resized back to image_size inside the model, so "
+                             "evaluation, prediction and serving need no masks. Replaces "
+                             "border_crop.")
+    lung_margin: float = _field(0.05, "lung_crop: widen the lung field by this fraction of its "
+                                "height and width on each side.")
+    lung_box: list[float] = _field((), "Set by the trainer with lung_crop: the lung field's [top, left, "
+                            "bottom, right] as fractions of the image.", flag=False)
 
 
 @dataclasses.dataclass
@@ -182,7 +192,8 @@ def flag_fields() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 def field_type(section: str, name: str) -> type:
-    """The declared type of config field ``section.name`` (int, float, bool, str or list)."""
+    """The declared type of config field ``section.name`` (int, float, bool, str, list (of
+    strings) or list[float])."""
     hints = typing.get_type_hints(type(getattr(Config(), section)))
     return hints[name]
 
@@ -198,6 +209,10 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
         value = float(value) if ok else value
     elif kind is str:
         ok = isinstance(value, str)
+    elif kind == list[float]:
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and
+                                             not isinstance(v, bool) for v in value)
+        value = [float(v) for v in value] if ok else value
     else:  # list of strings
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
@@ -207,7 +222,7 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
 
 def _type_name(kind: type) -> str:
     return {bool: "true or false", int: "an integer", float: "a number",
-            str: "a string"}.get(kind, "a list of strings")
+            str: "a string", list[float]: "a list of numbers"}.get(kind, "a list of strings")
 
 
 def _unknown(key: str, known: typing.Iterable[str], where: str) -> ConfigError:
@@ -320,6 +335,15 @@ def network_size(config: Config) -> int:
     return size - 2 * border_pixels(size, config.model.border_crop)
 
 
+def _is_box(box) -> bool:
+    """Whether ``box`` is four fractions [top, left, bottom, right] of a non-empty box."""
+    try:
+        top, left, bottom, right = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return False
+    return 0 <= top < bottom <= 1 and 0 <= left < right <= 1
+
+
 def _regex_problem(pattern: str) -> str | None:
     """Why ``pattern`` cannot name groups (not a regular expression, no capture group), or None."""
     try:
@@ -356,6 +380,9 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (len({c.lower() for c in data.classes}) == len(data.classes),
          "data.classes", "has a name twice (names are matched case-insensitively)"),
         (0 <= model.border_crop < 0.25, "model.border_crop", "must be in [0, 0.25)"),
+        (0 <= model.lung_margin < 0.5, "model.lung_margin", "must be in [0, 0.5)"),
+        (not (model.lung_crop and model.border_crop), "model.border_crop",
+         "must be 0 with --lung_crop (the lung field already leaves the borders out)"),
         (0 <= model.percentile_low < 100, "model.percentile_low", "must be in [0, 100)"),
         (model.percentile_low < model.percentile_high <= 100, "model.percentile_high",
          "must be above percentile_low and at most 100"),
@@ -373,6 +400,10 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
             section, name = key.split(".")
             value = getattr(getattr(config, section), name)
             raise ConfigError(f"{key} (--{name}) {requirement}, got {value}")
+    if model.lung_box and not _is_box(model.lung_box):
+        raise ConfigError(f"model.lung_box must be [top, left, bottom, right] fractions with "
+                          f"0 <= top < bottom <= 1 and 0 <= left < right <= 1, got "
+                          f"{model.lung_box}")
     if model.architecture not in min_image_sizes:
         raise ConfigError(f"model.architecture: unknown model '{model.architecture}'; "
                           f"choose one of {', '.join(sorted(min_image_sizes))}")

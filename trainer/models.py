@@ -89,17 +89,20 @@ def _scaling_layer(model: ModelConfig):
 
 
 def _inputs_and_scaling(model: ModelConfig, image_size: int, augment: AugmentConfig):
-    """uint8 RGB pixels in, scaled floats out: border crop, intensity normalisation and
-    augmentation (each only when configured; all on [0, 255] values), then the scaling. Every
+    """uint8 RGB pixels in, scaled floats out: lung-field or border crop, intensity
+    normalisation and augmentation (each only when configured; all on [0, 255] values), then
+    the scaling. Every
     one computes in float32 even under a mixed-precision policy (the next layer casts), so its
     result does not depend on it. With none configured the graph is input -> scaling."""
-    from trainer import augment as augment_lib, intensity
+    from trainer import augment as augment_lib, intensity, lung_field
     from trainer.keras_api import keras
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = inputs
     crop = border_pixels(image_size, model.border_crop)
     if crop:
         x = keras.layers.Cropping2D(crop, name="border_crop", dtype="float32")(x)
+    for layer in lung_field.crop_layers(model.lung_box, image_size):
+        x = layer(x)
     normalization = intensity.normalization_layer(model.intensity, model.percentile_low,
                                                   model.percentile_high)
     if normalization is not None:

@@ -11,7 +11,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import callbacks, checkpoints, config as config_lib, data, datacheck, distribute, \
-    export, metrics, models, sources as sources_lib, storage
+    export, lung_field, metrics, models, sources as sources_lib, storage
 from trainer.config import Config
 from trainer.errors import DataError, Preempted, RunDirError, TrainerError
 from trainer.keras_api import keras
@@ -235,6 +235,7 @@ def run(config: Config) -> dict:
     splits = data.make_splits(config.data)
     if config.data.check and not data.is_prepared(config.data.data_dir):  # prepare checked it
         splits = datacheck.check(splits, config.data)
+    config = lung_field.with_box(config, splits.train)  # before config.yaml records it
     resuming = prepare_run_dir(config) if me.is_chief else False
     weights = (data.class_weights([e.label for e in splits.train], len(splits.classes))
                if config.train.class_weights == "balanced" else None)
