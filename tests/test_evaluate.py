@@ -254,12 +254,18 @@ def _lesion_images(n: int, seed: int):
     return x, y
 
 
-def test_gradcam_heatmap_peaks_on_the_lesion_the_model_learned():
+@pytest.mark.parametrize("crop, window", [
+    ({}, ((0, 0), (0, 0))),
+    ({"border_crop": 0.0625}, ((2, 2), (2, 2))),
+    ({"lung_box": [0.0, 0.25, 0.5, 1.0]}, ((0, 16), (8, 0))),  # the heatmap maps back to the box
+])
+def test_gradcam_heatmap_peaks_on_the_lesion_the_model_learned(crop, window):
     from trainer import gradcam, models
     from trainer.config import ModelConfig
     from trainer.keras_api import keras
     keras.utils.set_random_seed(3)
-    model = models.build(ModelConfig(), 32, 2)
+    model = models.build(ModelConfig(**crop), 32, 2)
+    assert gradcam.input_window(model) == window
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
                   metrics=["accuracy"])
     x, y = _lesion_images(200, 0)
@@ -276,6 +282,9 @@ def test_gradcam_heatmap_peaks_on_the_lesion_the_model_learned():
         assert LESION[1].start - 2 <= col < LESION[1].stop + 2, (row, col)
         inside = heat[LESION].mean()
         assert inside > 2 * heat.mean()
+        (top, bottom), (left, right) = window
+        assert not heat[:top].any() and not heat[32 - bottom:].any()
+        assert not heat[:, :left].any() and not heat[:, 32 - right:].any()
 
 
 @pytest.mark.parametrize("architecture, size, layer", [("vanilla", 24, "conv"),

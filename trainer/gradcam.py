@@ -46,9 +46,27 @@ def _grad_model(model, layer):
 METHODS = ("hirescam", "gradcam")
 
 
+def input_window(model) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Pixels the model cuts off its input before the network ((top, bottom), (left, right)):
+    its border or lung-field crop, so that a heatmap lands on the part of the image it
+    explains."""
+    crops = [layer.cropping for layer in model.layers
+             if isinstance(layer, keras.layers.Cropping2D)]
+    return crops[0] if crops else ((0, 0), (0, 0))
+
+
+def _onto_input(cam: tf.Tensor, size: tf.Tensor, window) -> tf.Tensor:
+    """[N, h, w] maps resized onto the window of [N, H, W] inputs, zero outside it."""
+    (top, bottom), (left, right) = window
+    inside = tf.image.resize(cam[..., None], size - [top + bottom, left + right],
+                             method="bilinear")[..., 0]
+    return tf.pad(inside, [[0, 0], [top, bottom], [left, right]])
+
+
 def heatmaps(model, images: np.ndarray, class_indices=None, layer=None,
              method: str = "hirescam") -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM maps in [0, 1] of shape [N, H, W] (the input's size), and the probabilities.
+    """Grad-CAM maps in [0, 1] of shape [N, H, W] (the input's size; zero where the model
+    crops the input away), and the probabilities.
 
     ``class_indices`` chooses the explained class per image (default: the predicted one).
     """
@@ -71,7 +89,7 @@ def heatmaps(model, images: np.ndarray, class_indices=None, layer=None,
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     weights = grads if method == "hirescam" else tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
-    cam = tf.image.resize(cam[..., None], tf.shape(x)[1:3], method="bilinear")[..., 0]
+    cam = _onto_input(cam, tf.shape(x)[1:3], input_window(model))
     peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
     cam = tf.math.divide_no_nan(cam, peak)
     return cam.numpy(), probs.numpy()
