@@ -2,7 +2,6 @@
 
     python bench/augment_cost.py --data=../shared/data/cxr3 --reps=7 --steps=4
     python bench/augment_cost.py --generate --reps=3         # 600 generated 224 px JPEGs
-    python bench/augment_cost.py --parts=robust              # only configs/robust.yaml's step
 
 Augmentation lives in the model (trainer/augment.py), so ``data.make_dataset`` should not
 change at all when the config turns it on. Part 1 (pipeline) times full passes over the
@@ -12,10 +11,7 @@ ratios (expected ~1.0: the same pipeline). Part 2 (step) times the vanilla model
 (50 px, batch 250, uint8 batches already in memory) without augmentation, with the default
 augmentation (zoom, shift, rotation, brightness, contrast, gamma) and with every layer on
 (plus blur and noise): median seconds per step over --reps repetitions of --steps steps (and
-the best), after a warm-up, ratios against the plain model. Part 3 (robust) times the train
-step of configs/robust.yaml (small_cnn, 96 px, batch 32, its augmentation and normalisation)
-and turns it into minutes per epoch and per 30 epochs for cxr3's training split (2,645 images
-with that recipe's split). All in one process, interleaved, so the ratios come from the same
+the best), after a warm-up, ratios against the plain model. All in one process, interleaved, so the ratios come from the same
 machine state; on a shared machine the best-of figures are the steadier estimate.
 """
 from __future__ import annotations
@@ -135,32 +131,6 @@ def bench_train_step(steps: int, reps: int) -> dict:
     return results
 
 
-ROBUST_TRAIN_IMAGES = 2645  # cxr3's training split under configs/robust.yaml
-
-
-def bench_robust(steps: int, reps: int) -> dict:
-    import math
-    import numpy as np
-    from trainer import config as config_lib, models, train
-    from trainer.keras_api import keras
-    config = config_lib.load("robust")
-    size, batch = config.data.image_size, config.train.batch_size
-    keras.utils.set_random_seed(28)
-    model = models.build(config.model, size, 3, config.augment)
-    train.compile_model(model, config)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    y = keras.utils.to_categorical(np.arange(batch) % 3, 3)
-    times = step_time(model, x, y, steps, reps)
-    per_step = statistics.median(times)
-    steps_per_epoch = math.ceil(ROBUST_TRAIN_IMAGES / batch)
-    return {"s_per_step": per_step, "best": min(times), "runs": times,
-            "steps_per_epoch": steps_per_epoch,
-            "minutes_per_epoch": per_step * steps_per_epoch / 60,
-            "minutes_for_max_epochs": per_step * steps_per_epoch * config.train.epochs / 60,
-            "max_epochs": config.train.epochs}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="", help="an image tree (one folder per class)")
@@ -168,7 +138,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="train steps per repetition")
     parser.add_argument("--json", default="", help="also write the results here")
-    parser.add_argument("--parts", default="pipeline,step,robust",
+    parser.add_argument("--parts", default="pipeline,step",
                         help="which parts to run (comma-separated)")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -182,8 +152,6 @@ def main() -> None:
             results["pipeline_50px"] = bench_pipeline(data_dir, args.reps)
     if "step" in parts:
         results["train_step_vanilla_50px_batch250"] = bench_train_step(args.steps, args.reps)
-    if "robust" in parts:
-        results["robust_train_step"] = bench_robust(args.steps, args.reps)
     results["load_average_after"] = os.getloadavg()
     report(results, args)
     if args.json:
@@ -195,12 +163,6 @@ def report(results: dict, args) -> None:
         report_pipeline(results["pipeline_50px"], args)
     if "train_step_vanilla_50px_batch250" in results:
         report_step(results["train_step_vanilla_50px_batch250"], args)
-    if "robust_train_step" in results:
-        r = results["robust_train_step"]
-        print(f"configs/robust.yaml train step (median of {args.reps} x {args.steps} steps): "
-              f"{r['s_per_step'] * 1000:.0f} ms (best {r['best'] * 1000:.0f}); "
-              f"{r['steps_per_epoch']} steps per cxr3 epoch: {r['minutes_per_epoch']:.2f} min, "
-              f"{r['max_epochs']} epochs {r['minutes_for_max_epochs']:.1f} min")
     print(f"load average before {results['load_average']}, after {results['load_average_after']}")
 
 

@@ -229,8 +229,8 @@ def test_named_recipes_resolve_and_ship(name):
 
 def test_robust_recipe():
     config = _validated(model="robust")
-    assert (config.model.architecture, config.data.image_size) == ("small_cnn", 96)
-    assert config.augment.augment and config.model.intensity == "percentile"
+    assert (config.model.architecture, config.data.image_size) == ("vanilla", 50)
+    assert config.augment.augment and config.model.intensity == "equalize"
     assert config.model.border_crop == 0.05 and config.train.class_weights == "balanced"
     assert config.data.group_by == r"(person\d+)_|IM-(\d+)-"
     densenet = config_lib.load("robust-densenet")

@@ -131,7 +131,7 @@ def test_grouped_split_of_the_real_cxr3_tree(cxr3):
                 assert seen.setdefault(group, name) == name
     assert len(seen) > 2000  # Kermany patients found
     counts = splits.counts()
-    assert all(n >= 100 for n in counts["test"])
+    assert all(n >= config.data.test_per_class for n in counts["test"])
     assert [sum(c) for c in zip(*counts.values())] == [921, 1341, 1345]
 
 

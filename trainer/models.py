@@ -161,7 +161,7 @@ def build_vanilla(model: ModelConfig, image_size: int, n_classes: int, augment: 
 def build_small_cnn(model: ModelConfig, image_size: int, n_classes: int, augment: AugmentConfig):
     """Four blocks of Conv(3x3, no bias) -> BatchNorm -> ReLU -> MaxPool (16, 32, 64, 128
     filters), global average pooling, Dropout(0.3), softmax: about 100k weights, so it trains
-    on a CPU at 96-128 px (configs/robust.yaml)."""
+    on a CPU at 96-128 px (it generalised worse than vanilla: docs/generalisation.md)."""
     from trainer.keras_api import keras
     layers = keras.layers
     inputs, x = _inputs_and_scaling(model, image_size, augment)
