@@ -117,3 +117,20 @@ def test_the_model_does_not_see_outside_the_lung_field():
     seen = keras.Model(model.input, model.get_layer("lung_resize").output)
     changed[:, 10, 10] = 255 - changed[:, 10, 10]  # a pixel inside it does count
     assert not np.array_equal(seen(pixels).numpy(), seen(changed).numpy())
+
+
+def test_a_prepared_data_dir_measures_the_same_box_as_its_tree(tmp_path):
+    from trainer import data, prepare
+    classes = ["COVID", "Normal", "Viral Pneumonia"]
+    tree = demo_data.generate_database(tmp_path / "db", images_per_class=12, seed=2,
+                                       classes=tuple(classes), sheets=False)
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(tree), "classes": classes, "test_per_class": 3, "lung_crop": True})
+    prepare.prepare(config, str(tree), str(tmp_path / "prepared"), max_side=64, shard_mb=1)
+    boxes = []
+    for data_dir in (str(tree), str(tmp_path / "prepared")):
+        setting = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                       data_dir=data_dir))
+        boxes.append(lung_field.with_box(setting, data.make_splits(setting.data).train)
+                     .model.lung_box)
+    assert boxes[0] == boxes[1] and len(boxes[0]) == 4
