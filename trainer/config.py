@@ -108,8 +108,9 @@ class ModelConfig:
                              "border_crop.")
     lung_margin: float = _field(0.05, "lung_crop: widen the lung field by this fraction of its "
                                 "height and width on each side.")
-    lung_box: list[float] = _field((), "Set by the trainer with lung_crop: the lung field's [top, left, "
-                            "bottom, right] as fractions of the image.", flag=False)
+    lung_box: list[float] = _field((), "Set by the trainer with lung_crop: the lung field's "
+                                   "[top, left, bottom, right] as fractions of the image.",
+                                   flag=False)
 
 
 @dataclasses.dataclass
