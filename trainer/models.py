@@ -91,9 +91,9 @@ def _scaling_layer(model: ModelConfig):
 def _inputs_and_scaling(model: ModelConfig, image_size: int, augment: AugmentConfig):
     """uint8 RGB pixels in, scaled floats out: lung-field or border crop, intensity
     normalisation and augmentation (each only when configured; all on [0, 255] values), then
-    the scaling. Every
-    one computes in float32 even under a mixed-precision policy (the next layer casts), so its
-    result does not depend on it. With none configured the graph is input -> scaling."""
+    the scaling. Every one computes in float32 even under a mixed-precision policy (the next
+    layer casts), so its result does not depend on it. With none configured the graph is
+    input -> scaling."""
     from trainer import augment as augment_lib, intensity, lung_field
     from trainer.keras_api import keras
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
