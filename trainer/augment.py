@@ -12,8 +12,9 @@ computes in float32 whatever the policy). The state is not a weight: models with
 augmentation have the same weights.
 
 The layers take and return pixel values in [0, 255]; the model's scaling layer follows them.
-Order: zoom, shift and rotation (Keras' layers; each resamples once, bilinear), then
-brightness (Keras'), contrast and gamma (one factor per image), blur, noise.
+Order: zoom, stretch (the height alone zoomed), shift and rotation (Keras' layers; each
+resamples once, bilinear), then brightness (Keras'), contrast and gamma (one factor per
+image), blur, noise.
 """
 from __future__ import annotations
 
@@ -136,6 +137,9 @@ def layers(config: AugmentConfig) -> list:
     chosen = []
     if config.zoom:
         chosen.append(RandomZoom((-config.zoom, config.zoom), name="augment_zoom", **geometry))
+    if config.stretch:
+        chosen.append(RandomZoom((-config.stretch, config.stretch), width_factor=0.0,
+                                 name="augment_stretch", **geometry))
     if config.translate:
         chosen.append(RandomTranslation(config.translate, config.translate,
                                            name="augment_translate", **geometry))

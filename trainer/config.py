@@ -119,6 +119,9 @@ class AugmentConfig:
                            "active in training only (identity in evaluation, prediction, serving); "
                            "the factors below choose them, 0 turns one off.")
     zoom: float = _field(0.1, "Random zoom in or out by up to this fraction (zooming in crops).")
+    stretch: float = _field(0.0, "Random change of the aspect ratio: the height alone zoomed in "
+                            "or out by up to this fraction (cxr3's Kermany films were squashed "
+                            "to a square, its other sources cropped).")
     translate: float = _field(0.05, "Random shift by up to this fraction of the height and width.")
     rotate: float = _field(5.0, "Random rotation by up to this many degrees either way.")
     brightness: float = _field(0.1, "Random brightness shift by up to this fraction of the range.")
@@ -388,6 +391,7 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (model.percentile_low < model.percentile_high <= 100, "model.percentile_high",
          "must be above percentile_low and at most 100"),
         (0 <= aug.zoom < 1, "augment.zoom", "must be in [0, 1)"),
+        (0 <= aug.stretch < 1, "augment.stretch", "must be in [0, 1)"),
         (0 <= aug.translate < 1, "augment.translate", "must be in [0, 1)"),
         (0 <= aug.rotate <= 180, "augment.rotate", "must be in [0, 180] degrees"),
         (0 <= aug.brightness <= 1, "augment.brightness", "must be in [0, 1]"),
@@ -420,7 +424,8 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
     problem = data.group_by and _regex_problem(data.group_by)
     if problem:
         raise ConfigError(f"data.group_by (--group_by) {problem}, got {data.group_by!r}")
-    geometry = [f"--{k}" for k in ("zoom", "translate", "rotate") if getattr(aug, k)]
+    geometry = [f"--{k}" for k in ("zoom", "stretch", "translate", "rotate")
+                if getattr(aug, k)]
     if aug.augment and geometry and config.runtime.jit_compile:
         raise ConfigError(f"runtime.jit_compile (--jit_compile) cannot compile the zoom, shift and "
                           f"rotation of --augment (XLA has no ImageProjectiveTransformV3 kernel); "
