@@ -34,7 +34,7 @@ def _augmented(**factors) -> config_lib.AugmentConfig:
     return dataclasses.replace(config_lib.AugmentConfig(augment=True), **factors)
 
 
-ALL_ON = dict(noise=0.05, blur=1.0)  # the defaults plus the two that are off by default
+ALL_ON = dict(stretch=0.2, noise=0.05, blur=1.0)  # the defaults plus those off by default
 
 
 @pytest.mark.parametrize("name", ["vanilla", "inception"])
@@ -64,10 +64,10 @@ def test_augmentation_adds_layers_but_no_weights():
     plain = models.build(config.model, SIZE, 3)
     augmented = models.build(config.model, SIZE, 3, _augmented(**ALL_ON))
     names = [layer.name for layer in augmented.layers]
-    assert names[1:9] == ["augment_zoom", "augment_translate", "augment_rotate",
-                          "augment_brightness", "augment_contrast", "augment_gamma",
-                          "augment_blur", "augment_noise"]
-    assert names[9] == "scaling"
+    assert names[1:10] == ["augment_zoom", "augment_stretch", "augment_translate",
+                           "augment_rotate", "augment_brightness", "augment_contrast",
+                           "augment_gamma", "augment_blur", "augment_noise"]
+    assert names[10] == "scaling"
     assert augmented.count_params() == plain.count_params()
     assert len(augmented.weights) == len(plain.weights)
 
@@ -87,7 +87,7 @@ def test_augmentation_is_off_at_inference_and_on_in_training():
 
 
 # factor -> value turning on that layer alone; each must change images in training only.
-ONE_AT_A_TIME = [("zoom", 0.3), ("translate", 0.2), ("rotate", 30.0), ("brightness", 0.3),
+ONE_AT_A_TIME = [("zoom", 0.3), ("stretch", 0.3), ("translate", 0.2), ("rotate", 30.0), ("brightness", 0.3),
                  ("contrast", 0.5), ("gamma", 0.5), ("blur", 2.0), ("noise", 0.1)]
 
 
@@ -105,6 +105,19 @@ def test_each_augmentation_changes_images_in_training_only(factor, value):
         assert changed.min() >= 0 and changed.max() <= 255
     per_image = np.abs(changed - PIXELS).reshape(4, -1).mean(axis=1)
     assert len(set(np.round(per_image, 3))) > 1  # drawn per image, not once per batch
+
+
+def test_stretch_changes_the_height_alone():
+    """A film whose grey varies only across the columns comes through a stretch unchanged; one
+    whose grey varies down the rows does not: the aspect ratio changes, not the width."""
+    off = {name: 0.0 for name, _ in ONE_AT_A_TIME}
+    [layer] = augment.layers(_augmented(**{**off, "stretch": 0.3}))
+    ramp = np.linspace(0, 255, SIZE, dtype=np.float32)
+    across = np.broadcast_to(ramp[None, None, :, None], (4, SIZE, SIZE, 3))
+    down = np.broadcast_to(ramp[None, :, None, None], (4, SIZE, SIZE, 3))
+    np.testing.assert_allclose(layer(tf.constant(across), training=True).numpy(), across,
+                               atol=1e-3)
+    assert np.abs(layer(tf.constant(down), training=True).numpy() - down).mean() > 0.5
 
 
 def test_every_factor_zero_gives_no_layers():

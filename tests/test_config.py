@@ -139,6 +139,7 @@ VALID_NEW_VALUES = [
      "contrast": 0.9, "gamma": 0.9, "noise": 1, "blur": 10, "fill_mode": "constant"},
     {"augment": True, "zoom": 0, "translate": 0, "rotate": 0, "jit_compile": True},
     {"augment": False, "jit_compile": True},
+    {"augment": True, "stretch": 0.3}, {"augment": True, "stretch": 0.99},
     {"intensity": "equalize"}, {"intensity": "percentile", "percentile_low": 0,
                                 "percentile_high": 100},
     {"intensity": "percentile", "percentile_low": 2.5, "percentile_high": 97.5},
@@ -161,6 +162,10 @@ def test_valid_new_values(overrides):
 INVALID_NEW_VALUES = [
     ({"zoom": -0.1}, "augment.zoom (--zoom) must be in [0, 1), got -0.1"),
     ({"zoom": 1.0}, "augment.zoom (--zoom) must be in [0, 1)"),
+    ({"stretch": -0.1}, "augment.stretch (--stretch) must be in [0, 1), got -0.1"),
+    ({"stretch": 1.0}, "augment.stretch (--stretch) must be in [0, 1)"),
+    ({"augment": True, "zoom": 0, "translate": 0, "rotate": 0, "stretch": 0.2,
+      "jit_compile": True}, "drop --jit_compile or set --stretch=0"),
     ({"translate": 1.5}, "augment.translate (--translate) must be in [0, 1)"),
     ({"rotate": -5}, "augment.rotate (--rotate) must be in [0, 180] degrees"),
     ({"rotate": 181}, "augment.rotate (--rotate) must be in [0, 180] degrees"),
