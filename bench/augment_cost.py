@@ -9,10 +9,12 @@ training split at 50 px (fresh dataset each pass: decode, resize, cache, batch 2
 augment off and on, alternating, and reports the median (and best) images/s of each and their
 ratios (expected ~1.0: the same pipeline). Part 2 (step) times the vanilla model's train step
 (50 px, batch 250, uint8 batches already in memory) without augmentation, with the default
-augmentation (zoom, shift, rotation, brightness, contrast, gamma) and with every layer on
-(plus blur and noise): median seconds per step over --reps repetitions of --steps steps (and
-the best), after a warm-up, ratios against the plain model. All in one process, interleaved, so the ratios come from the same
-machine state; on a shared machine the best-of figures are the steadier estimate.
+augmentation (zoom, shift, rotation, brightness, contrast, gamma), with configs/robust.yaml's
+(the default plus the aspect change, ``stretch``) and with every layer on (plus blur and
+noise): median seconds per step over --reps repetitions of --steps steps (and the best),
+after a warm-up, ratios against the plain model. All in one process, interleaved, so the
+ratios come from the same machine state; on a shared machine the best-of figures are the
+steadier estimate.
 """
 from __future__ import annotations
 
@@ -104,7 +106,8 @@ def bench_train_step(steps: int, reps: int) -> dict:
     variants = {
         "none": config_lib.AugmentConfig(),
         "default": config_lib.AugmentConfig(augment=True),
-        "all": dataclasses.replace(config_lib.AugmentConfig(augment=True), noise=0.02, blur=1.0),
+        "robust": config_lib.load("robust").augment,
+        "all": dataclasses.replace(config_lib.load("robust").augment, noise=0.02, blur=1.0),
     }
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
@@ -120,11 +123,11 @@ def bench_train_step(steps: int, reps: int) -> dict:
         step_time(model, x, y, 1, 1)
     order = list(built)
     for rep in range(reps):  # interleaved and rotated, so drifting load hits every variant alike
-        for name in order[rep % 3:] + order[:rep % 3]:
+        for name in order[rep % len(order):] + order[:rep % len(order)]:
             times[name] += step_time(built[name], x, y, steps, 1)
     results = {name: {"s_per_step": statistics.median(t), "best": min(t), "runs": t}
                for name, t in times.items()}
-    for name in ("default", "all"):
+    for name in ("default", "robust", "all"):
         results[f"ratio_{name}_over_none"] = (results[name]["s_per_step"]
                                               / results["none"]["s_per_step"])
         results[f"ratio_best_{name}_over_none"] = results[name]["best"] / results["none"]["best"]
@@ -177,7 +180,7 @@ def report_pipeline(p: dict, args) -> None:
 def report_step(t: dict, args) -> None:
     print(f"vanilla train step at {SIZE} px, batch {BATCH} (median of {args.reps} x "
           f"{args.steps} steps):")
-    for name in ("none", "default", "all"):
+    for name in ("none", "default", "robust", "all"):
         ratio = t.get(f"ratio_{name}_over_none", 1.0)
         best = t.get(f"ratio_best_{name}_over_none", 1.0)
         print(f"  augmentation {name:<8} {t[name]['s_per_step'] * 1000:7.1f} ms/step (best "
