@@ -151,6 +151,8 @@ VALID_NEW_VALUES = [
     {"lung_crop": True}, {"lung_crop": True, "lung_margin": 0.0},
     {"lung_crop": True, "lung_margin": 0.49}, {"model": "robust", "lung_crop": True,
                                                "border_crop": 0.0},
+    {"lr_patience": 0, "patience": 0}, {"lr_patience": 2}, {"lr_patience": 4, "patience": 5},
+    {"lr_patience": 2, "lr_factor": 0.01}, {"lr_patience": 2, "lr_factor": 0.99},
 ]
 
 
@@ -163,6 +165,13 @@ INVALID_NEW_VALUES = [
     ({"zoom": -0.1}, "augment.zoom (--zoom) must be in [0, 1), got -0.1"),
     ({"zoom": 1.0}, "augment.zoom (--zoom) must be in [0, 1)"),
     ({"stretch": -0.1}, "augment.stretch (--stretch) must be in [0, 1), got -0.1"),
+    ({"lr_patience": -1}, "train.lr_patience (--lr_patience) must be 0 or more, got -1"),
+    ({"lr_patience": 5}, "train.lr_patience (--lr_patience) must be below --patience (5), or "
+                         "early stopping ends training first, got 5"),
+    ({"lr_patience": 1, "patience": 0}, "must be below --patience (0)"),
+    ({"lr_factor": 1.0}, "train.lr_factor (--lr_factor) must be in (0, 1), got 1.0"),
+    ({"lr_factor": 0.0}, "train.lr_factor (--lr_factor) must be in (0, 1), got 0.0"),
+    ({"lr_factor": -0.5}, "train.lr_factor (--lr_factor) must be in (0, 1)"),
     ({"stretch": 1.0}, "augment.stretch (--stretch) must be in [0, 1)"),
     ({"augment": True, "zoom": 0, "translate": 0, "rotate": 0, "stretch": 0.2,
       "jit_compile": True}, "drop --jit_compile or set --stretch=0"),

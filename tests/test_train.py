@@ -195,6 +195,30 @@ def test_the_log_says_each_epoch_briefly_why_training_stopped_and_what_is_kept(
            f"{best['value']:.4f})" in lines
 
 
+def test_lr_patience_lowers_the_learning_rate_training_uses_and_says_so(tiny_config, caplog):
+    """min_delta=10: no epoch after the first improves enough, so lr_patience 1 halves the rate
+    after epochs 2 and 3; history.csv records the rate each epoch trained with."""
+    tiny_config.train.epochs, tiny_config.train.patience = 3, 100
+    tiny_config.train.min_delta, tiny_config.train.lr_patience = 10.0, 1
+    with caplog.at_level("INFO"):
+        train.run(tiny_config)
+    with open(Path(tiny_config.output.model_dir) / "history.csv") as f:
+        rates = [float(row["lr"]) for row in csv.DictReader(f)]
+    assert rates == pytest.approx([1e-3, 1e-3, 5e-4])
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if line.startswith("learning rate")] == [
+        f"learning rate {a} -> {b} after epoch {n}: val_loss did not improve by more than 10 "
+        f"for 1 epochs (--lr_patience)" for a, b, n in (("0.001", "0.0005", 2),
+                                                        ("0.0005", "0.00025", 3))]
+
+
+def test_without_lr_patience_the_rate_stays_as_given(tiny_config):
+    tiny_config.train.epochs, tiny_config.train.patience, tiny_config.train.min_delta = 2, 100, 10.0
+    train.run(tiny_config)
+    with open(Path(tiny_config.output.model_dir) / "history.csv") as f:
+        assert "lr" not in next(csv.DictReader(f))
+
+
 def test_keys_the_trainer_sets_do_not_block_a_resume():
     """A demo run interrupted before data.synthetic existed reads it as False; the trainer now
     sets it to True: that is no change of the user's settings."""

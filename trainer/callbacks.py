@@ -75,6 +75,23 @@ class HistoryCSV(keras.callbacks.Callback):
         storage.write_text_atomic(self.path, out.getvalue())
 
 
+class ReduceLearningRate(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau that says in the log when it lowers the rate, and why."""
+
+    def __init__(self, monitor: str, patience: int, factor: float, min_delta: float):
+        super().__init__(monitor=monitor, mode="min", patience=patience, factor=factor,
+                         min_delta=min_delta)
+
+    def on_epoch_end(self, epoch, logs=None):
+        before = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+        super().on_epoch_end(epoch, logs)
+        after = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+        if after < before:
+            logging.info("learning rate %.3g -> %.3g after epoch %d: %s did not improve by more "
+                         "than %g for %d epochs (--lr_patience)", before, after, epoch + 1,
+                         self.monitor, self.min_delta, self.patience)
+
+
 class StopOnNaN(keras.callbacks.TerminateOnNaN):
     """TerminateOnNaN that remembers the epoch and step where the loss stopped being finite."""
 

@@ -144,6 +144,10 @@ class TrainConfig:
                                 "none: unweighted.", ("balanced", "none"))
     patience: int = _field(5, "EarlyStopping patience in epochs (on val_loss).")
     min_delta: float = _field(0.01, "EarlyStopping minimum improvement of val_loss.")
+    lr_patience: int = _field(0, "Multiply the learning rate by lr_factor after this many epochs "
+                              "without val_loss improving by min_delta (ReduceLROnPlateau); "
+                              "0: off. Must be below patience.")
+    lr_factor: float = _field(0.5, "Factor applied to the learning rate by lr_patience, in (0, 1).")
     backup_freq: str = _field("epoch", "Back up the training state (model_dir/backup) every "
                               "epoch, or every N steps (a number) for long epochs.")
 
@@ -372,6 +376,10 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (train.learning_rate > 0, "train.learning_rate", "must be positive"),
         (train.patience >= 0, "train.patience", "must be 0 or more"),
         (train.min_delta >= 0, "train.min_delta", "must be 0 or more"),
+        (train.lr_patience >= 0, "train.lr_patience", "must be 0 or more"),
+        (train.lr_patience == 0 or train.lr_patience < train.patience, "train.lr_patience",
+         f"must be below --patience ({train.patience}), or early stopping ends training first"),
+        (0 < train.lr_factor < 1, "train.lr_factor", "must be in (0, 1)"),
         (train.backup_freq == "epoch" or (train.backup_freq.isdigit()
                                           and int(train.backup_freq) >= 1),
          "train.backup_freq", "must be epoch or a positive number of steps"),
