@@ -8,11 +8,17 @@ stretched back to a square (the content looks taller and narrower, as in cxr3's 
 which were squashed to a square upstream); and "widened", the middle 3/4 of the columns (the
 content looks wider). Every form is re-encoded as a JPEG and read by the trainer's own decode.
 A model that learnt the lungs should call a film the same class in all three forms; a large
-fall shows a geometric shortcut. Nothing is written: one line per run on stdout.
+fall shows a geometric shortcut. Where the held-out images hold several classes (e.g.
+``--holdout_sources=cxnet,kermany-later,kermany-p1200``), each form also gets its macro-F1 over
+those classes and the recall of each: a model that calls everything NORMAL keeps its accuracy
+on held-out normals whatever the framing. Nothing is written: one line per run and form on
+stdout.
 """
 from __future__ import annotations
 
 import argparse
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -48,8 +54,21 @@ def held_out(config) -> list[tuple[str, str]]:
             for rel, source in sorted(source_of.items()) if source in wanted]
 
 
-def probe(model_dir: str) -> dict[str, float]:
-    """Held-out accuracy of a run's best checkpoint in each form."""
+def scores(labels, predicted, classes: list[str]) -> dict:
+    """Accuracy, macro-F1 over the classes present in ``labels`` (None for one class) and the
+    recall of each of them."""
+    import numpy as np
+    from sklearn.metrics import f1_score, recall_score
+    present = sorted(set(labels.tolist()))
+    recall = recall_score(labels, predicted, labels=present, average=None, zero_division=0)
+    return {"accuracy": float(np.mean(predicted == labels)),
+            "macro_f1": (float(f1_score(labels, predicted, labels=present, average="macro",
+                                        zero_division=0)) if len(present) > 1 else None),
+            "recall": {classes[c]: float(r) for c, r in zip(present, recall)}}
+
+
+def probe(model_dir: str) -> dict[str, dict]:
+    """Held-out scores (``scores``) of a run's best checkpoint in each form."""
     import numpy as np
     import tensorflow as tf
     from trainer import data, models, runs, storage
@@ -63,28 +82,51 @@ def probe(model_dir: str) -> dict[str, float]:
     labels = np.array([classes.index(label) for _, label in items])
     originals = [tf.io.decode_image(storage.read_bytes(path), channels=3).numpy()
                  for path, _ in items]
-    accuracy = {}
+    result = {}
     for form in FORMS:
         images = np.stack([
             data.decode_pixels(tf.io.encode_jpeg(reframe(pixels, form), quality=90),
                                config.data.image_size, config.data.interpolation).numpy()
             for pixels in originals])
         predicted = model.predict(models.feed(model, images), verbose=0).argmax(axis=1)
-        accuracy[form] = float(np.mean(predicted == labels))
-    return accuracy
+        result[form] = scores(labels, predicted, classes)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (model_dir)")
     args = parser.parse_args(argv)
-    print("| run | " + " | ".join(FORMS) + " |")
-    print("|---|" + "---|" * len(FORMS))
+    print("| run | form | accuracy | macro-F1 | recall per class |")
+    print("|---|---|---|---|---|")
+    studies: dict[tuple[str, str], list[dict]] = {}
     for model_dir in args.runs:
-        accuracy = probe(model_dir)
-        print(f"| {model_dir} | " + " | ".join(f"{accuracy[f]:.3f}" for f in FORMS) + " |",
-              flush=True)
+        study = re.sub(r"-seed\d+$", "", Path(model_dir).name)
+        for form, got in probe(model_dir).items():
+            print(f"| {model_dir} | {form} | {_cells(got)} |", flush=True)
+            studies.setdefault((study, form), []).append(got)
+    print("\nMedians over the runs of each study (run folders that differ only in -seedN):\n")
+    print("| study | form | runs | accuracy | macro-F1 | recall per class |")
+    print("|---|---|---|---|---|---|")
+    for (study, form), runs in studies.items():
+        print(f"| {study} | {form} | {len(runs)} | {_cells(median_scores(runs))} |")
     return 0
+
+
+def median_scores(runs: list[dict]) -> dict:
+    """Per-figure medians of several runs' ``scores``."""
+    f1s = [r["macro_f1"] for r in runs if r["macro_f1"] is not None]
+    return {"accuracy": statistics.median(r["accuracy"] for r in runs),
+            "macro_f1": statistics.median(f1s) if f1s else None,
+            "recall": {c: statistics.median(r["recall"][c] for r in runs)
+                       for c in runs[0]["recall"]}}
+
+
+def _cells(got: dict) -> str:
+    """'accuracy | macro-F1 | recall per class' table cells."""
+    f1 = "-" if got["macro_f1"] is None else f"{got['macro_f1']:.3f}"
+    recall = ", ".join(f"{c} {r:.3f}" for c, r in got["recall"].items())
+    return f"{got['accuracy']:.3f} | {f1} | {recall}"
 
 
 if __name__ == "__main__":

@@ -226,6 +226,8 @@ def test_source_breakdown_flags_a_confounded_class():
     assert out["by_source"]["k"]["accuracy"] == 0.75
     assert out["by_source"]["k"]["predicted"] == {"COVID-19": 0, "NORMAL": 1,
                                                   "Viral Pneumonia": 3}
+    assert out["by_source"]["k"]["correct"] == {"COVID-19": 0, "NORMAL": 1,
+                                                "Viral Pneumonia": 2}
 
 
 @pytest.mark.parametrize("n, expected", [

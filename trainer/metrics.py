@@ -234,8 +234,9 @@ def tutorial_metrics(y_true: np.ndarray, y_prob: np.ndarray, n_classes: int) -> 
 
 
 def source_breakdown(sources: list[str], labels, preds, classes: list[str]) -> dict:
-    """Per data source: images, true and predicted classes, accuracy with its Wilson interval;
-    and the classes whose sources no other class shares (class and source confounded)."""
+    """Per data source: images, true, predicted and correctly predicted classes (so recall and
+    F1 per class follow for a source of several classes), accuracy with its Wilson interval; and
+    the classes whose sources no other class shares (class and source confounded)."""
     sources, labels, preds = np.asarray(sources), np.asarray(labels), np.asarray(preds)
     table = {}
     for source in sorted(set(sources.tolist())):
@@ -245,7 +246,9 @@ def source_breakdown(sources: list[str], labels, preds, classes: list[str]) -> d
         table[source] = {
             "n": n, "accuracy": correct / n, "accuracy_ci95": wilson_interval(correct, n),
             "true": {c: int((labels[mine] == i).sum()) for i, c in enumerate(classes)},
-            "predicted": {c: int((preds[mine] == i).sum()) for i, c in enumerate(classes)}}
+            "predicted": {c: int((preds[mine] == i).sum()) for i, c in enumerate(classes)},
+            "correct": {c: int(((labels[mine] == i) & (preds[mine] == i)).sum())
+                        for i, c in enumerate(classes)}}
     of_class = {c: set(sources[labels == i].tolist()) for i, c in enumerate(classes)}
     confounded = [c for c in classes if of_class[c] and not any(
         of_class[c] & of_class[o] for o in classes if o != c)]
