@@ -34,7 +34,7 @@ def _augmented(**factors) -> config_lib.AugmentConfig:
     return dataclasses.replace(config_lib.AugmentConfig(augment=True), **factors)
 
 
-ALL_ON = dict(stretch=0.2, noise=0.05, blur=1.0)  # the defaults plus those off by default
+ALL_ON = dict(stretch=0.2, aspect=0.2, noise=0.05, blur=1.0)  # defaults + those off by default
 
 
 @pytest.mark.parametrize("name", ["vanilla", "inception"])
@@ -64,10 +64,10 @@ def test_augmentation_adds_layers_but_no_weights():
     plain = models.build(config.model, SIZE, 3)
     augmented = models.build(config.model, SIZE, 3, _augmented(**ALL_ON))
     names = [layer.name for layer in augmented.layers]
-    assert names[1:10] == ["augment_zoom", "augment_stretch", "augment_translate",
-                           "augment_rotate", "augment_brightness", "augment_contrast",
-                           "augment_gamma", "augment_blur", "augment_noise"]
-    assert names[10] == "scaling"
+    assert names[1:11] == ["augment_zoom", "augment_stretch", "augment_aspect",
+                           "augment_translate", "augment_rotate", "augment_brightness",
+                           "augment_contrast", "augment_gamma", "augment_blur", "augment_noise"]
+    assert names[11] == "scaling"
     assert augmented.count_params() == plain.count_params()
     assert len(augmented.weights) == len(plain.weights)
 
@@ -87,8 +87,9 @@ def test_augmentation_is_off_at_inference_and_on_in_training():
 
 
 # factor -> value turning on that layer alone; each must change images in training only.
-ONE_AT_A_TIME = [("zoom", 0.3), ("stretch", 0.3), ("translate", 0.2), ("rotate", 30.0), ("brightness", 0.3),
-                 ("contrast", 0.5), ("gamma", 0.5), ("blur", 2.0), ("noise", 0.1)]
+ONE_AT_A_TIME = [("zoom", 0.3), ("stretch", 0.3), ("aspect", 0.3), ("translate", 0.2),
+                 ("rotate", 30.0), ("brightness", 0.3), ("contrast", 0.5), ("gamma", 0.5),
+                 ("blur", 2.0), ("noise", 0.1)]
 
 
 @pytest.mark.parametrize("factor, value", ONE_AT_A_TIME)
@@ -118,6 +119,29 @@ def test_stretch_changes_the_height_alone():
     np.testing.assert_allclose(layer(tf.constant(across), training=True).numpy(), across,
                                atol=1e-3)
     assert np.abs(layer(tf.constant(down), training=True).numpy() - down).mean() > 0.5
+
+
+def test_aspect_cuts_rows_or_columns_never_both_and_fills_nothing():
+    """Channel 0 a ramp down the rows, channel 1 a ramp across the columns (a crop moves each
+    on its own): in every image one of them changes and the other does not, both kinds occur,
+    the cut stays within the factor (the first row or column comes from at most factor / 2 of
+    the way in) and nothing outside the image is filled in (values stay within the ramp)."""
+    off = {name: 0.0 for name, _ in ONE_AT_A_TIME}
+    factor, n = 0.4, 64
+    [layer] = augment.layers(_augmented(**{**off, "aspect": factor}))
+    ramp = np.linspace(0, 255, SIZE, dtype=np.float32)
+    image = np.stack([np.broadcast_to(ramp[:, None], (SIZE, SIZE)),
+                      np.broadcast_to(ramp[None, :], (SIZE, SIZE)),
+                      np.zeros((SIZE, SIZE), np.float32)], axis=-1)
+    batch = np.broadcast_to(image, (n, SIZE, SIZE, 3))
+    out = layer(tf.constant(batch), training=True).numpy()
+    rows_cut = np.abs(out[..., 0] - batch[..., 0]).reshape(n, -1).max(axis=1) > 1e-2
+    cols_cut = np.abs(out[..., 1] - batch[..., 1]).reshape(n, -1).max(axis=1) > 1e-2
+    assert not (rows_cut & cols_cut).any()
+    assert 10 < rows_cut.sum() < n - 10 and 10 < cols_cut.sum() < n - 10
+    first_row, first_col = out[:, 0, 0, 0], out[:, 0, 0, 1]
+    assert first_row.max() <= 255 * factor / 2 + 1 and first_col.max() <= 255 * factor / 2 + 1
+    assert out.min() >= 0 and out.max() <= 255
 
 
 def test_every_factor_zero_gives_no_layers():

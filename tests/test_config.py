@@ -140,6 +140,8 @@ VALID_NEW_VALUES = [
     {"augment": True, "zoom": 0, "translate": 0, "rotate": 0, "jit_compile": True},
     {"augment": False, "jit_compile": True},
     {"augment": True, "stretch": 0.3}, {"augment": True, "stretch": 0.99},
+    {"augment": True, "aspect": 0.0}, {"augment": True, "aspect": 0.3},
+    {"augment": True, "aspect": 0.49},
     {"intensity": "equalize"}, {"intensity": "percentile", "percentile_low": 0,
                                 "percentile_high": 100},
     {"intensity": "percentile", "percentile_low": 2.5, "percentile_high": 97.5},
@@ -173,6 +175,10 @@ INVALID_NEW_VALUES = [
     ({"lr_factor": 0.0}, "train.lr_factor (--lr_factor) must be in (0, 1), got 0.0"),
     ({"lr_factor": -0.5}, "train.lr_factor (--lr_factor) must be in (0, 1)"),
     ({"stretch": 1.0}, "augment.stretch (--stretch) must be in [0, 1)"),
+    ({"aspect": -0.1}, "augment.aspect (--aspect) must be in [0, 0.5), got -0.1"),
+    ({"aspect": 0.5}, "augment.aspect (--aspect) must be in [0, 0.5), got 0.5"),
+    ({"augment": True, "zoom": 0, "translate": 0, "rotate": 0, "aspect": 0.2,
+      "jit_compile": True}, "drop --jit_compile or set --aspect=0"),
     ({"augment": True, "zoom": 0, "translate": 0, "rotate": 0, "stretch": 0.2,
       "jit_compile": True}, "drop --jit_compile or set --stretch=0"),
     ({"translate": 1.5}, "augment.translate (--translate) must be in [0, 1)"),
@@ -187,7 +193,7 @@ INVALID_NEW_VALUES = [
     ({"fill_mode": "mirror"}, "augment.fill_mode (--fill_mode) must be one of reflect, wrap, "
                               "constant, nearest, got 'mirror'"),
     ({"augment": True, "jit_compile": True}, "runtime.jit_compile (--jit_compile) cannot "
-                                             "compile the zoom, shift and rotation"),
+                                             "compile the geometric augmentation"),
     ({"augment": True, "zoom": 0, "translate": 0, "jit_compile": True},
      "drop --jit_compile or set --rotate=0"),
     ({"augment": "yes"}, "--augment must be true or false, got 'yes'"),

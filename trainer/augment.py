@@ -12,9 +12,9 @@ computes in float32 whatever the policy). The state is not a weight: models with
 augmentation have the same weights.
 
 The layers take and return pixel values in [0, 255]; the model's scaling layer follows them.
-Order: zoom, stretch (the height alone zoomed), shift and rotation (Keras' layers; each
-resamples once, bilinear), then brightness (Keras'), contrast and gamma (one factor per
-image), blur, noise.
+Order: zoom, stretch (the height alone zoomed), aspect (rows or columns cropped), shift and
+rotation (each resamples once, bilinear), then brightness (Keras'), contrast and gamma (one
+factor per image), blur, noise.
 """
 from __future__ import annotations
 
@@ -101,6 +101,25 @@ class RandomGamma(_PerImageRandom):
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
+class RandomAspectCrop(_PerImageRandom):
+    """Per image, a fraction f in [0, factor) of the rows or of the columns (one or the other,
+    at random) cut off, half from each end, and the rest resized back: the aspect ratio changed
+    by up to 1 / (1 - factor) either way with nothing filled in, as a film framed or squashed
+    differently would look (bilinear)."""
+
+    def _augment(self, images):
+        cut = tf.reshape(self._per_image(images, 0.0, self.factor), [-1])
+        rows = self._per_image(images, 0.0, 1.0)[:, 0, 0, 0] < 0.5
+        half_rows = tf.where(rows, cut / 2, 0.0)
+        half_cols = tf.where(rows, 0.0, cut / 2)
+        boxes = tf.stack([half_rows, half_cols, 1.0 - half_rows, 1.0 - half_cols], axis=1)
+        size = tf.shape(images)[1:3]
+        indices = tf.range(tf.shape(images)[0])
+        cropped = tf.image.crop_and_resize(images, boxes, indices, size)
+        return tf.clip_by_value(cropped, 0.0, MAX_VALUE)
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
 class RandomGaussianBlur(_PerImageRandom):
     """A Gaussian blur of sigma ``factor`` pixels (separable, symmetric edges), mixed into each
     image by a weight drawn in [0, 1): from sharp to fully blurred."""
@@ -140,6 +159,8 @@ def layers(config: AugmentConfig) -> list:
     if config.stretch:
         chosen.append(RandomZoom((-config.stretch, config.stretch), width_factor=0.0,
                                  name="augment_stretch", **geometry))
+    if config.aspect:
+        chosen.append(RandomAspectCrop(config.aspect, name="augment_aspect"))
     if config.translate:
         chosen.append(RandomTranslation(config.translate, config.translate,
                                            name="augment_translate", **geometry))

@@ -122,6 +122,10 @@ class AugmentConfig:
     stretch: float = _field(0.0, "Random change of the aspect ratio: the height alone zoomed in "
                             "or out by up to this fraction (cxr3's Kermany films were squashed "
                             "to a square, its other sources cropped).")
+    aspect: float = _field(0.0, "Random change of the aspect ratio by cropping: per image, up "
+                           "to this fraction of the rows or of the columns (one or the other) "
+                           "cut off, half from each end, and the rest resized back; nothing "
+                           "filled in.")
     translate: float = _field(0.05, "Random shift by up to this fraction of the height and width.")
     rotate: float = _field(5.0, "Random rotation by up to this many degrees either way.")
     brightness: float = _field(0.1, "Random brightness shift by up to this fraction of the range.")
@@ -400,6 +404,7 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
          "must be above percentile_low and at most 100"),
         (0 <= aug.zoom < 1, "augment.zoom", "must be in [0, 1)"),
         (0 <= aug.stretch < 1, "augment.stretch", "must be in [0, 1)"),
+        (0 <= aug.aspect < 0.5, "augment.aspect", "must be in [0, 0.5)"),
         (0 <= aug.translate < 1, "augment.translate", "must be in [0, 1)"),
         (0 <= aug.rotate <= 180, "augment.rotate", "must be in [0, 180] degrees"),
         (0 <= aug.brightness <= 1, "augment.brightness", "must be in [0, 1]"),
@@ -432,12 +437,13 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
     problem = data.group_by and _regex_problem(data.group_by)
     if problem:
         raise ConfigError(f"data.group_by (--group_by) {problem}, got {data.group_by!r}")
-    geometry = [f"--{k}" for k in ("zoom", "stretch", "translate", "rotate")
+    geometry = [f"--{k}" for k in ("zoom", "stretch", "aspect", "translate", "rotate")
                 if getattr(aug, k)]
     if aug.augment and geometry and config.runtime.jit_compile:
-        raise ConfigError(f"runtime.jit_compile (--jit_compile) cannot compile the zoom, shift and "
-                          f"rotation of --augment (XLA has no ImageProjectiveTransformV3 kernel); "
-                          f"drop --jit_compile or set {'=0 '.join(geometry)}=0")
+        raise ConfigError(f"runtime.jit_compile (--jit_compile) cannot compile the geometric "
+                          f"augmentation of --augment (XLA has no ImageProjectiveTransformV3 or "
+                          f"CropAndResize kernel); drop --jit_compile or set "
+                          f"{'=0 '.join(geometry)}=0")
     both = sorted(set(data.val_sources) & set(data.holdout_sources))
     if both:
         raise ConfigError(f"data.val_sources (--val_sources) and data.holdout_sources "
