@@ -161,13 +161,14 @@ def build_vanilla(model: ModelConfig, image_size: int, n_classes: int, augment: 
 def build_small_cnn(model: ModelConfig, image_size: int, n_classes: int, augment: AugmentConfig):
     """Four blocks of Conv(3x3, no bias) -> BatchNorm -> ReLU -> MaxPool (16, 32, 64, 128
     filters), global average pooling, Dropout(0.3), softmax: about 100k weights, so it trains
-    on a CPU at 96-128 px (it generalised worse than vanilla: docs/generalisation.md)."""
+    on a CPU at 96-128 px. BatchNorm's moving statistics use momentum 0.9, not Keras' 0.99: an
+    epoch here is a few dozen steps, and at 0.99 inference lagged training by many epochs."""
     from trainer.keras_api import keras
     layers = keras.layers
     inputs, x = _inputs_and_scaling(model, image_size, augment)
     for i, filters in enumerate((16, 32, 64, 128)):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
-        x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
         x = layers.ReLU(name=f"relu{i + 1}")(x)
         x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
     x = layers.GlobalAveragePooling2D()(x)
