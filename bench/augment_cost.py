@@ -10,7 +10,7 @@ augment off and on, alternating, and reports the median (and best) images/s of e
 ratios (expected ~1.0: the same pipeline). Part 2 (step) times the vanilla model's train step
 (50 px, batch 250, uint8 batches already in memory) without augmentation, with the default
 augmentation (zoom, shift, rotation, brightness, contrast, gamma), with configs/robust.yaml's
-(the default plus the aspect change, ``stretch``) and with every layer on (plus blur and
+(the default plus the aspect change, ``aspect``) and with every layer on (plus blur and
 noise): median seconds per step over --reps repetitions of --steps steps (and the best),
 after a warm-up, ratios against the plain model. All in one process, interleaved, so the
 ratios come from the same machine state; on a shared machine the best-of figures are the

@@ -253,8 +253,8 @@ def test_robust_recipe():
     assert config.augment.augment and config.model.intensity == "equalize"
     assert config.model.border_crop == 0.05 and config.train.class_weights == "balanced"
     assert config.data.group_by == r"(person\d+)_|IM-(\d+)-"
-    assert config.augment.stretch == 0.3
+    assert (config.augment.aspect, config.augment.stretch) == (0.3, 0.0)
     densenet = config_lib.load("robust-densenet")
-    assert densenet.augment.stretch == 0.3
+    assert (densenet.augment.aspect, densenet.augment.stretch) == (0.3, 0.0)
     assert (densenet.model.architecture, densenet.data.image_size, densenet.model.weights) == \
         ("densenet121", 224, "imagenet")
