@@ -230,6 +230,22 @@ def test_source_breakdown_flags_a_confounded_class():
                                                 "Viral Pneumonia": 2}
 
 
+@pytest.mark.parametrize("labels, preds, expected", [
+    ([0, 1, 2, 2], [2, 2, 2, 2], "calls every one of the 4 images Viral Pneumonia, though they "
+                                 "hold 3 classes"),
+    ([1, 2], [0, 0], "calls every one of the 2 images COVID-19, though they hold 2 classes"),
+    ([0, 1, 2, 2], [0, 2, 2, 2], None),  # two classes predicted
+    ([1, 1, 1], [1, 1, 1], None),  # a one-class set: one predicted class is no sign
+    ([1, 1, 1], [2, 2, 2], None),
+])
+def test_one_class_warning(labels, preds, expected):
+    got = metrics.one_class_warning(labels, preds, CLASSES)
+    if expected is None:
+        assert got is None
+    else:
+        assert expected in got and "another --seed" in got
+
+
 @pytest.mark.parametrize("n, expected", [
     (0, [[], [], []]),
     (1, [[0], [2], [3]]),  # a wrong one where there is one

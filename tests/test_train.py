@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import checkpoints, config as config_lib, data, train
+from trainer import checkpoints, config as config_lib, data, models, train
+from trainer.keras_api import keras
 from trainer.errors import RunDirError
 
 ARTIFACTS = ["config.yaml", "checkpoints/best.keras", "checkpoints/last.keras",
@@ -228,3 +229,31 @@ def test_keys_the_trainer_sets_do_not_block_a_resume():
     assert train.config_changes(old, new) == []
     new.data.image_size = 32
     assert train.config_changes(old, new) == ["data.image_size: 50 -> 32"]
+
+
+@pytest.fixture
+def one_class_model():
+    """Registers a model that calls every image class 0 (its bias outweighs its small kernel)."""
+    def build(model, image_size, n_classes, augment):
+        inputs = keras.Input((image_size, image_size, 3), dtype="uint8")
+        x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+        bias = keras.initializers.Constant([50.0] + [0.0] * (n_classes - 1))
+        out = keras.layers.Dense(n_classes, activation="softmax", kernel_initializer="zeros",
+                                 bias_initializer=bias)(x)
+        return keras.Model(inputs, out)
+    models.register("one_class", min_image_size=4)(build)
+    yield "one_class"
+    del models.REGISTRY["one_class"]
+
+
+def test_a_run_whose_model_calls_everything_one_class_says_so(tiny_config, one_class_model,
+                                                               caplog):
+    tiny_config.model.architecture = one_class_model
+    tiny_config.train.epochs = 1
+    tiny_config.train.learning_rate = 1e-6
+    with caplog.at_level("WARNING"):
+        results = train.run(tiny_config)
+    assert np.asarray(results["confusion_matrix"])[:, 1:].sum() == 0  # all COVID-19
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("calls every one of the 18 images COVID-19" in w and "--seed" in w
+               for w in warnings), warnings

@@ -164,6 +164,9 @@ def evaluate(options: Options) -> tuple[str, dict]:
     probs = predict_probabilities(model, examples, config)
     labels = np.array([e.label for e in examples])
     preds = np.argmax(probs, axis=1)
+    warning_one_class = metrics.one_class_warning(labels, preds, classes)
+    if warning_one_class:
+        logging.warning("%s", warning_one_class)
     covid = positive_class(classes)
     results = {"test": metrics.tutorial_metrics(labels, probs, len(classes)),
                **metrics.clinical(labels, probs, classes)}

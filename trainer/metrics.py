@@ -233,6 +233,19 @@ def tutorial_metrics(y_true: np.ndarray, y_prob: np.ndarray, n_classes: int) -> 
     return values
 
 
+def one_class_warning(labels, preds, classes: list[str]) -> str | None:
+    """A warning when a model gave every image one class though the images hold several: it
+    has not learnt (early stopping can keep such a checkpoint), however well it scores on a
+    held-out set of that one class. None otherwise."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    if len(set(labels.tolist())) < 2 or len(set(preds.tolist())) != 1:
+        return None
+    return (f"the model calls every one of the {len(preds)} images {classes[int(preds[0])]}, "
+            f"though they hold {len(set(labels.tolist()))} classes: it has not learnt to tell "
+            "them apart. Train again with another --seed, a lower --learning_rate or a larger "
+            "--patience.")
+
+
 def source_breakdown(sources: list[str], labels, preds, classes: list[str]) -> dict:
     """Per data source: images, true, predicted and correctly predicted classes (so recall and
     F1 per class follow for a source of several classes), accuracy with its Wilson interval; and

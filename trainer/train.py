@@ -181,6 +181,9 @@ def evaluate(model, examples: list[data.Example], config: Config) -> dict:
     named = model.evaluate(test_ds, return_dict=True, verbose=0)
     probs = model.predict(test_ds, verbose=0)
     labels = np.array([e.label for e in examples])
+    warning = metrics.one_class_warning(labels, probs.argmax(axis=1), config.data.classes)
+    if warning:
+        logging.warning("test split: %s", warning)
     report = metrics.per_class(labels, probs, config.data.classes)
     sources = sources_lib.tree_sources(examples, [config.data.data_dir, config.data.test_dir])
     if sources:  # accuracy per hospital/source: a model may have learnt the source, not the disease
