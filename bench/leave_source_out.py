@@ -111,15 +111,15 @@ def run_once(data: str, out: Path, name: str, flags: list[str], source: str, see
 
 
 def pooled(parts: list[dict]) -> dict:
-    """metrics.json's per-source entries added up: n, correct_n, and per class true, predicted
-    and correct counts."""
-    total = {"n": sum(p["n"] for p in parts),
-             "correct_n": sum(round(p["accuracy"] * p["n"]) for p in parts)}
+    """metrics.json's per-source entries added up: n, per class true, predicted and correct
+    counts, and correct_n (their correct ones together)."""
+    total = {"n": sum(p["n"] for p in parts)}
     for key in ("true", "predicted", "correct"):
         total[key] = {}
         for part in parts:
             for label, count in part[key].items():
                 total[key][label] = total[key].get(label, 0) + count
+    total["correct_n"] = sum(total["correct"].values())
     return total
 
 
