@@ -27,6 +27,11 @@ IMAGENET_NOTOP_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 # ImageNet statistics for torch-style preprocessing (keras.applications.densenet.preprocess_input)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
+# Batch normalisation of the layers this project trains from scratch. Keras' default, 0.99,
+# makes the moving statistics lag training by about a hundred steps, and a cxr3 epoch is 8 to
+# 80 steps: validation then sees other activations than training and can sit at one class until
+# early stopping ends the run, keeping an untrained checkpoint.
+BATCH_NORM_MOMENTUM = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,14 +166,13 @@ def build_vanilla(model: ModelConfig, image_size: int, n_classes: int, augment: 
 def build_small_cnn(model: ModelConfig, image_size: int, n_classes: int, augment: AugmentConfig):
     """Four blocks of Conv(3x3, no bias) -> BatchNorm -> ReLU -> MaxPool (16, 32, 64, 128
     filters), global average pooling, Dropout(0.3), softmax: about 100k weights, so it trains
-    on a CPU at 96-128 px. BatchNorm's moving statistics use momentum 0.9, not Keras' 0.99: an
-    epoch here is a few dozen steps, and at 0.99 inference lagged training by many epochs."""
+    on a CPU at 96-128 px. Batch normalisation at BATCH_NORM_MOMENTUM, not Keras' 0.99."""
     from trainer.keras_api import keras
     layers = keras.layers
     inputs, x = _inputs_and_scaling(model, image_size, augment)
     for i, filters in enumerate((16, 32, 64, 128)):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
-        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
+        x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name=f"bn{i + 1}")(x)
         x = layers.ReLU(name=f"relu{i + 1}")(x)
         x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
     x = layers.GlobalAveragePooling2D()(x)
@@ -196,8 +200,20 @@ def _transfer(application, name: str, model: ModelConfig, image_size: int, n_cla
     side = x.shape[1]  # image_size less the border crop
     base = application(include_top=False, weights=None, input_shape=(side, side, 3))
     load_base_weights(base, model.weights, REGISTRY[name].imagenet_weights)
+    if model.weights == "none":
+        _batch_norm_from_scratch(base)
     x = _head(base(x))
     return keras.Model(inputs, _classifier(x, n_classes), name=name)
+
+
+def _batch_norm_from_scratch(base) -> None:
+    """A base trained from scratch gets BATCH_NORM_MOMENTUM in every batch normalisation (an
+    InceptionV3 at 84 px on cxr3 stayed at one class for 5 epochs at 0.99 and stopped there).
+    Pretrained bases keep Keras' 0.99: their statistics start right."""
+    from trainer.keras_api import keras
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = BATCH_NORM_MOMENTUM
 
 
 @register("inception", min_image_size=75, imagenet_preprocess="inception",
