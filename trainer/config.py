@@ -82,8 +82,9 @@ class DataConfig:
 @dataclasses.dataclass
 class ModelConfig:
     architecture: str = _field("vanilla", "Model builder from the registry (see trainer/models.py).")
-    weights: str = _field("none", "Base weights for transfer models: imagenet, none, or a "
-                          "weights file path (local or gs://).")
+    weights: str = _field("none", "Base weights for transfer models: imagenet, none (trained "
+                          "from scratch, with batch-normalisation momentum 0.9 in place of "
+                          "Keras' 0.99), or a weights file path (local or gs://).")
     preprocess: str = _field("auto", "Input scaling inside the model: tutorial (x/255), inception "
                              "([-1, 1]), torch (x/255 less ImageNet's mean, over its standard "
                              "deviation, per channel: DenseNet), or auto (the architecture's own "
