@@ -233,7 +233,7 @@ def test_keys_the_trainer_sets_do_not_block_a_resume():
 
 @pytest.fixture
 def one_class_model():
-    """Registers a model that calls every image class 0 (its bias outweighs its small kernel)."""
+    """Registers a model that calls every image class 0 (a large bias, a zero kernel)."""
     def build(model, image_size, n_classes, augment):
         inputs = keras.Input((image_size, image_size, 3), dtype="uint8")
         x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))

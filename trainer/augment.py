@@ -108,7 +108,7 @@ class RandomAspectCrop(_PerImageRandom):
     differently would look (bilinear)."""
 
     def _augment(self, images):
-        cut = tf.reshape(self._per_image(images, 0.0, self.factor), [-1])
+        cut = self._per_image(images, 0.0, self.factor)[:, 0, 0, 0]
         rows = self._per_image(images, 0.0, 1.0)[:, 0, 0, 0] < 0.5
         half_rows = tf.where(rows, cut / 2, 0.0)
         half_cols = tf.where(rows, 0.0, cut / 2)

@@ -237,11 +237,11 @@ def one_class_warning(labels, preds, classes: list[str]) -> str | None:
     """A warning when a model gave every image one class though the images hold several: it
     has not learnt (early stopping can keep such a checkpoint), however well it scores on a
     held-out set of that one class. None otherwise."""
-    labels, preds = np.asarray(labels), np.asarray(preds)
-    if len(set(labels.tolist())) < 2 or len(set(preds.tolist())) != 1:
+    present, called = set(np.asarray(labels).tolist()), set(np.asarray(preds).tolist())
+    if len(present) < 2 or len(called) != 1:
         return None
-    return (f"the model calls every one of the {len(preds)} images {classes[int(preds[0])]}, "
-            f"though they hold {len(set(labels.tolist()))} classes: it has not learnt to tell "
+    return (f"the model calls every one of the {len(preds)} images {classes[int(called.pop())]}, "
+            f"though they hold {len(present)} classes: it has not learnt to tell "
             "them apart. Train again with another --seed, a lower --learning_rate or a larger "
             "--patience.")
 
