@@ -155,6 +155,8 @@ VALID_NEW_VALUES = [
                                                "border_crop": 0.0},
     {"lr_patience": 0, "patience": 0}, {"lr_patience": 2}, {"lr_patience": 4, "patience": 5},
     {"lr_patience": 2, "lr_factor": 0.01}, {"lr_patience": 2, "lr_factor": 0.99},
+    {"consistency": 0.0}, {"consistency": 0, "augment": False},
+    {"augment": True, "consistency": 12.0}, {"model": "robust", "consistency": 0.5},
 ]
 
 
@@ -174,6 +176,11 @@ INVALID_NEW_VALUES = [
     ({"lr_factor": 1.0}, "train.lr_factor (--lr_factor) must be in (0, 1), got 1.0"),
     ({"lr_factor": 0.0}, "train.lr_factor (--lr_factor) must be in (0, 1), got 0.0"),
     ({"lr_factor": -0.5}, "train.lr_factor (--lr_factor) must be in (0, 1)"),
+    ({"augment": True, "consistency": -1.0},
+     "train.consistency (--consistency) must be 0 or more, got -1.0"),
+    ({"consistency": 12.0}, "train.consistency (--consistency) needs --augment (it compares "
+                            "augmented views of each image), got 12.0"),
+    ({"model": "vanilla", "consistency": 1.0}, "needs --augment"),
     ({"stretch": 1.0}, "augment.stretch (--stretch) must be in [0, 1)"),
     ({"aspect": -0.1}, "augment.aspect (--aspect) must be in [0, 0.5), got -0.1"),
     ({"aspect": 0.5}, "augment.aspect (--aspect) must be in [0, 0.5), got 0.5"),

@@ -153,6 +153,11 @@ class TrainConfig:
                               "without val_loss improving by min_delta (ReduceLROnPlateau); "
                               "0: off. Must be below patience.")
     lr_factor: float = _field(0.5, "Factor applied to the learning rate by lr_patience, in (0, 1).")
+    consistency: float = _field(0.0, "Weight of a consistency loss: the Jensen-Shannon "
+                                "divergence of each training image's predictions as it is and "
+                                "under two draws of the augmentation (AugMix's), so that what "
+                                "augmentation changes cannot change the class; 0: off. Needs "
+                                "--augment; a step costs three forward passes.")
     backup_freq: str = _field("epoch", "Back up the training state (model_dir/backup) every "
                               "epoch, or every N steps (a number) for long epochs.")
 
@@ -385,6 +390,9 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (train.lr_patience == 0 or train.lr_patience < train.patience, "train.lr_patience",
          f"must be below --patience ({train.patience}), or early stopping ends training first"),
         (0 < train.lr_factor < 1, "train.lr_factor", "must be in (0, 1)"),
+        (train.consistency >= 0, "train.consistency", "must be 0 or more"),
+        (not train.consistency or aug.augment, "train.consistency",
+         "needs --augment (it compares augmented views of each image)"),
         (train.backup_freq == "epoch" or (train.backup_freq.isdigit()
                                           and int(train.backup_freq) >= 1),
          "train.backup_freq", "must be epoch or a positive number of steps"),

@@ -10,8 +10,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import callbacks, checkpoints, config as config_lib, data, datacheck, distribute, \
-    export, lung_field, metrics, models, sources as sources_lib, storage
+from trainer import callbacks, checkpoints, config as config_lib, consistency, data, datacheck, \
+    distribute, export, lung_field, metrics, models, sources as sources_lib, storage
 from trainer.config import Config
 from trainer.errors import DataError, Preempted, RunDirError, TrainerError
 from trainer.keras_api import keras
@@ -132,6 +132,7 @@ def compile_model(model, config: Config, learning_rate: float | None = None) -> 
     model.compile(optimizer=keras.optimizers.Adam(rate),
                   loss=metrics.LOSS, metrics=metrics.compiled_metrics(),
                   jit_compile=config.runtime.jit_compile)
+    consistency.use(model, config.train.consistency)
 
 
 def one_device_copy(model, config: Config):

@@ -1,0 +1,156 @@
+"""Consistency training (--consistency): the divergence it adds, that it makes augmented views
+agree, that it reaches a whole run, and that the saved model does not depend on it."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import checkpoints, config as config_lib, consistency, models, train
+from trainer.keras_api import keras
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 16
+IMAGES = np.random.default_rng(0).integers(0, 256, (32, SIZE, SIZE, 3), dtype=np.uint8)
+LABELS = keras.utils.to_categorical(np.arange(32) % 3, 3)
+ONE_HOT = np.eye(3, dtype=np.float32)
+SOFT = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], np.float32)
+
+
+def _entropy_form(*rows) -> float:
+    """The divergence written another way: entropy of the mean less the mean entropy."""
+    def entropy(p):
+        p = np.asarray(p, np.float64)
+        return -sum(x * math.log(x) for x in p if x > 0)
+    return entropy(np.mean(rows, axis=0)) - np.mean([entropy(r) for r in rows])
+
+
+JS_CASES = [  # (views, expected divergence per example)
+    ([ONE_HOT, ONE_HOT], [0.0, 0.0, 0.0]),
+    ([ONE_HOT, ONE_HOT[[1, 2, 0]]], [math.log(2)] * 3),
+    ([ONE_HOT, ONE_HOT[[1, 2, 0]], ONE_HOT[[2, 0, 1]]], [math.log(3)] * 3),
+    ([SOFT, SOFT[::-1]], [_entropy_form(SOFT[0], SOFT[1])] * 2),
+    ([np.full((1, 3), 1 / 3, np.float32), np.array([[0.5, 0.5, 0.0]], np.float32)],
+     [_entropy_form([1 / 3] * 3, [0.5, 0.5, 0.0])]),
+]
+
+
+@pytest.mark.parametrize("views, expected", JS_CASES)
+def test_jensen_shannon_of_known_distributions(views, expected):
+    got = consistency.jensen_shannon([tf.constant(v) for v in views]).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def _model(weight: float, seed: int = 5):
+    config = config_lib.load("robust", overrides={"image_size": SIZE, "border_crop": 0.0,
+                                                  "consistency": weight})
+    keras.utils.set_random_seed(seed)
+    model = models.build(config.model, SIZE, 3, config.augment)
+    train.compile_model(model, config)
+    return model
+
+
+def _disagreement(model, draws: int = 8) -> float:
+    """Mean divergence between each image's prediction as it is and augmented."""
+    clean = model(IMAGES, training=False)
+    return float(np.mean([tf.reduce_mean(consistency.jensen_shannon(
+        [clean, model(IMAGES, training=True)])) for _ in range(draws)]))
+
+
+def test_consistency_makes_augmented_views_agree():
+    """The same model, data and seed, trained with and without the term: with it, predictions
+    move far less when the robust recipe's augmentation is drawn on the images."""
+    without, with_term = _model(0.0), _model(50.0)
+    for model in (without, with_term):
+        model.fit(IMAGES, LABELS, batch_size=8, epochs=15, verbose=0)
+    assert _disagreement(with_term) < 0.5 * _disagreement(without)
+
+
+def test_weight_zero_leaves_keras_training_as_it_is():
+    model = _model(0.0)
+    assert "train_step" not in vars(model)
+    history = model.fit(IMAGES, LABELS, batch_size=16, epochs=1, verbose=0).history
+    assert "consistency" not in history
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_consistency_is_reported_and_the_saved_model_is_unchanged(tmp_path, policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = _model(1.0)
+        history = model.fit(IMAGES, LABELS, batch_size=16, epochs=2, verbose=0).history
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert len(history["consistency"]) == 2 and np.isfinite(history["consistency"]).all()
+    assert 0 < history["consistency"][0] <= math.log(3)
+    assert np.isfinite(history["loss"]).all()
+    path = str(tmp_path / "model.keras")
+    checkpoints.save(model, path)
+    loaded = checkpoints.load(path)
+    assert type(loaded) is type(_model(0.0))
+    assert "train_step" not in vars(loaded)
+    np.testing.assert_allclose(loaded.predict(IMAGES, verbose=0), model.predict(IMAGES, verbose=0),
+                               atol=1e-6)
+
+
+def test_a_run_with_consistency_logs_it_each_epoch(tiny_config):
+    config = dataclasses.replace(
+        tiny_config, augment=dataclasses.replace(tiny_config.augment, augment=True),
+        train=dataclasses.replace(tiny_config.train, consistency=2.0, epochs=2))
+    train.run(config)
+    with open(Path(config.output.model_dir) / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    assert all(0 < float(row["consistency"]) <= math.log(3) for row in rows)
+
+
+# Two replicas on two logical CPUs (set before TensorFlow starts, hence a subprocess): each
+# replica's share of the term is halved, as Keras halves the cross-entropy, and fit runs.
+MIRRORED_SCRIPT = """
+import json
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from trainer import config as config_lib, consistency, models, train
+from trainer.keras_api import keras
+divergence = consistency.jensen_shannon([tf.constant([[1.0, 0.0, 0.0]]),
+                                         tf.constant([[0.0, 1.0, 0.0]])])
+alone = float(consistency.penalty(divergence, 3.0))
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+shares = strategy.experimental_local_results(
+    strategy.run(tf.function(lambda: consistency.penalty(divergence, 3.0))))
+config = config_lib.load("robust", overrides={"image_size": 16, "border_crop": 0.0,
+                                              "consistency": 12.0})
+with strategy.scope():
+    model = models.build(config.model, 16, 3, config.augment)
+    train.compile_model(model, config)
+x = np.random.default_rng(1).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+y = np.eye(3, dtype=np.float32)[np.arange(16) % 3]
+history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=2,
+                    verbose=0).history
+print("RESULT " + json.dumps({"alone": alone, "shares": [float(s) for s in shares],
+                              "consistency": history["consistency"]}))
+"""
+
+
+def test_two_replicas_share_the_term_and_train():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    env.pop("TF_CONFIG", None)
+    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert result["alone"] == pytest.approx(3.0 * math.log(2), rel=1e-5)
+    assert result["shares"] == pytest.approx([result["alone"] / 2] * 2, rel=1e-5)
+    assert len(result["consistency"]) == 2
+    assert all(0 < value <= math.log(3) for value in result["consistency"])
