@@ -102,15 +102,18 @@ def test_consistency_is_reported_and_the_saved_model_is_unchanged(tmp_path, poli
                                atol=1e-6)
 
 
-def test_a_run_with_consistency_logs_it_each_epoch(tiny_config):
+def test_a_run_with_consistency_logs_it_each_epoch(tiny_config, caplog):
     config = dataclasses.replace(
         tiny_config, augment=dataclasses.replace(tiny_config.augment, augment=True),
         train=dataclasses.replace(tiny_config.train, consistency=2.0, epochs=2))
-    train.run(config)
+    with caplog.at_level("INFO"):
+        train.run(config)
     with open(Path(config.output.model_dir) / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     assert all(0 < float(row["consistency"]) <= math.log(3) for row in rows)
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
+    assert len(epochs) == 2 and all(" - consistency: " in line for line in epochs), epochs
 
 
 # Two replicas on two logical CPUs (set before TensorFlow starts, hence a subprocess): each

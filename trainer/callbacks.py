@@ -191,10 +191,11 @@ class OneDeviceValidation(keras.callbacks.Callback):
 
 
 class EpochLog(keras.callbacks.Callback):
-    """One short line per epoch: loss, accuracy and AUC of training and validation (every
-    metric stays in history.csv and TensorBoard)."""
+    """One short line per epoch: loss, accuracy and AUC of training and validation, and the
+    consistency term where trained with it (every metric stays in history.csv and
+    TensorBoard)."""
 
-    SHOWN = ("loss", "accuracy", "auc")
+    SHOWN = ("loss", "accuracy", "auc", "consistency")  # consistency: with --consistency
 
     def __init__(self, epochs: int):
         super().__init__()
