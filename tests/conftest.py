@@ -1,7 +1,10 @@
 """Shared fixtures: small generated image trees and the real cxr3 data when present."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,7 +52,8 @@ def _environment_unchanged(_baseline_environment):
         pytest.fail(f"os.environ changed and was restored: {', '.join(changed)}; use "
                     "monkeypatch or pass env= to child processes")
 
-CXR3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3"
+REPO = Path(__file__).resolve().parents[1]
+CXR3 = REPO.parent / "shared" / "data" / "cxr3"
 
 
 @pytest.fixture
@@ -111,3 +115,19 @@ def tree_with_sources(root: Path, covid: tuple = ("a", "b"), others: tuple = ("k
             rows.append(f"{cls}/{f.name},{cls},{sources[i % len(sources)]}")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def run_python(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs ``script`` in a fresh Python with the repo importable and no TF_CONFIG (for a
+    device layout that must be set before TensorFlow starts); fails the test if it fails."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    env.pop("TF_CONFIG", None)
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def script_result(done: subprocess.CompletedProcess):
+    """What a script run by ``run_python`` printed as JSON after ``RESULT ``."""
+    return json.loads(done.stdout.split("RESULT ", 1)[1])

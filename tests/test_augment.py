@@ -3,20 +3,15 @@ the identity at inference, random in training, under mixed precision and tf.dist
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_python, script_result
 from trainer import augment, checkpoints, config as config_lib, models, train
 from trainer.keras_api import keras
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 24
 PIXELS = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
 
@@ -213,12 +208,7 @@ print("RESULT " + json.dumps({"replicas": strategy.num_replicas_in_sync, "differ
 
 
 def test_replicas_draw_their_own_augmentation_and_train():
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    env.pop("TF_CONFIG", None)
-    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    result = script_result(run_python(MIRRORED_SCRIPT))
     assert result["replicas"] == 2
     assert all(result["differ"]), result
     assert np.isfinite(result["loss"])

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_python, script_result
 from trainer import checkpoints, config as config_lib, consistency, models, train
 from trainer.keras_api import keras
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
 IMAGES = np.random.default_rng(0).integers(0, 256, (32, SIZE, SIZE, 3), dtype=np.uint8)
 LABELS = keras.utils.to_categorical(np.arange(32) % 3, 3)
@@ -147,12 +143,7 @@ print("RESULT " + json.dumps({"alone": alone, "shares": [float(s) for s in share
 
 
 def test_two_replicas_share_the_term_and_train():
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    env.pop("TF_CONFIG", None)
-    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    result = script_result(run_python(MIRRORED_SCRIPT))
     assert result["alone"] == pytest.approx(3.0 * math.log(2), rel=1e-5)
     assert result["shares"] == pytest.approx([result["alone"] / 2] * 2, rel=1e-5)
     assert len(result["consistency"]) == 2

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import run_python, script_result
 from trainer import config as config_lib, distribute, models
 from trainer.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 JOB = {"CXR_JOB_NAME": "cxr-train", "CXR_WORKER_SERVICE": "cxr-workers"}
 
 
@@ -206,15 +202,6 @@ SMALL_RUN = ["--model=vanilla", "--image_size=16", "--test_per_class=6", "--epoc
 TOLERANCE = {"loss": 0.05, "accuracy": 0.2}
 
 
-def _python(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    env.pop("TF_CONFIG", None)
-    done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
 @pytest.fixture(scope="module")
 def mirrored_runs(tmp_path_factory):
     """The same run twice from the same seed: one device with batch 16, two replicas x 8."""
@@ -223,7 +210,7 @@ def mirrored_runs(tmp_path_factory):
     demo_data.generate(root / "data", images_per_class=30, seed=5)
     runs = {}
     for name, batch in (("one_device", 16), ("mirrored", 8)):
-        done = _python(TRAIN_SCRIPT, *SMALL_RUN, f"--data_dir={root / 'data'}",
+        done = run_python(TRAIN_SCRIPT, *SMALL_RUN, f"--data_dir={root / 'data'}",
                        f"--model_dir={root / name}", f"--strategy={name}", f"--batch_size={batch}")
         runs[name] = (root / name, done.stdout + done.stderr)
     return runs
@@ -322,8 +309,8 @@ print("RESULT " + json.dumps(results))
 
 @pytest.mark.parametrize("replicas", [2, 3])
 def test_no_replica_ever_gets_an_empty_batch(replicas, tmp_path):
-    done = _python(WHOLE_BATCHES_SCRIPT, str(replicas), str(tmp_path))
-    results = {int(n): r for n, r in json.loads(done.stdout.split("RESULT ", 1)[1]).items()}
+    done = run_python(WHOLE_BATCHES_SCRIPT, str(replicas), str(tmp_path))
+    results = {int(n): r for n, r in script_result(done).items()}
     global_batch = 2 * replicas
     for n, result in results.items():
         if n < global_batch:  # not one whole step: said plainly, before any training
