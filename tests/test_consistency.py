@@ -52,6 +52,7 @@ def _model(weight: float, seed: int = 5):
     keras.utils.set_random_seed(seed)
     model = models.build(config.model, SIZE, 3, config.augment)
     train.compile_model(model, config)
+    consistency.use(model, config.train.consistency)
     return model
 
 
@@ -133,6 +134,7 @@ config = config_lib.load("robust", overrides={"image_size": 16, "border_crop": 0
 with strategy.scope():
     model = models.build(config.model, 16, 3, config.augment)
     train.compile_model(model, config)
+    consistency.use(model, config.train.consistency)
 x = np.random.default_rng(1).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
 y = np.eye(3, dtype=np.float32)[np.arange(16) % 3]
 history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=2,

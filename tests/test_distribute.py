@@ -211,7 +211,7 @@ def mirrored_runs(tmp_path_factory):
     runs = {}
     for name, batch in (("one_device", 16), ("mirrored", 8)):
         done = run_python(TRAIN_SCRIPT, *SMALL_RUN, f"--data_dir={root / 'data'}",
-                       f"--model_dir={root / name}", f"--strategy={name}", f"--batch_size={batch}")
+                          f"--model_dir={root / name}", f"--strategy={name}", f"--batch_size={batch}")
         runs[name] = (root / name, done.stdout + done.stderr)
     return runs
 

@@ -132,7 +132,6 @@ def compile_model(model, config: Config, learning_rate: float | None = None) -> 
     model.compile(optimizer=keras.optimizers.Adam(rate),
                   loss=metrics.LOSS, metrics=metrics.compiled_metrics(),
                   jit_compile=config.runtime.jit_compile)
-    consistency.use(model, config.train.consistency)
 
 
 def one_device_copy(model, config: Config):
@@ -257,6 +256,7 @@ def run(config: Config) -> dict:
         model = models.build(config.model, config.data.image_size, len(splits.classes),
                              config.augment)
         compile_model(model, config, learning_rate)
+        consistency.use(model, config.train.consistency)  # here: compiled copies only evaluate
 
     batch = config.train.batch_size * replicas  # batch_size is per replica
     logging.info("global batch %d = %d per replica x %d replicas; learning rate %g (lr_scaling=%s)",
