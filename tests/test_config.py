@@ -157,6 +157,9 @@ VALID_NEW_VALUES = [
     {"lr_patience": 2, "lr_factor": 0.01}, {"lr_patience": 2, "lr_factor": 0.99},
     {"consistency": 0.0}, {"consistency": 0, "augment": False},
     {"augment": True, "consistency": 12.0}, {"model": "robust", "consistency": 0.5},
+    {"model": "robust", "consistency": 12.0, "consistency_fit": "clean"},
+    {"model": "robust", "consistency": 1.0, "consistency_fit": "both"},
+    {"consistency_fit": "augmented"},
 ]
 
 
@@ -181,6 +184,11 @@ INVALID_NEW_VALUES = [
     ({"consistency": 12.0}, "train.consistency (--consistency) needs --augment (it compares "
                             "augmented views of each image), got 12.0"),
     ({"model": "vanilla", "consistency": 1.0}, "needs --augment"),
+    ({"model": "robust", "consistency_fit": "clean"}, "train.consistency_fit "
+     "(--consistency_fit) applies only with --consistency above 0, got clean"),
+    ({"model": "robust", "consistency": 1.0, "consistency_fit": "mean"},
+     "train.consistency_fit (--consistency_fit) must be one of augmented, clean, both, "
+     "got 'mean'"),
     ({"stretch": 1.0}, "augment.stretch (--stretch) must be in [0, 1)"),
     ({"aspect": -0.1}, "augment.aspect (--aspect) must be in [0, 0.5), got -0.1"),
     ({"aspect": 0.5}, "augment.aspect (--aspect) must be in [0, 0.5), got 0.5"),

@@ -72,6 +72,48 @@ def test_consistency_makes_augmented_views_agree():
     assert _disagreement(with_term) < 0.5 * _disagreement(without)
 
 
+class _BlankWhileTraining(keras.layers.Layer):
+    """Augmentation stand-in: a blank image in training, the image itself otherwise, so the
+    augmented and clean views differ without chance."""
+
+    def call(self, inputs, training=None):
+        return inputs * 0.0 if training else inputs
+
+
+def _two_view_model(fit: str):
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(3, activation="softmax", bias_initializer="zeros",
+                               kernel_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=3))
+    model = keras.Model(inputs, dense(_BlankWhileTraining()(inputs)))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="categorical_crossentropy")
+    consistency.use(model, 1.0, fit)
+    return model
+
+
+FEATURES = np.random.default_rng(2).normal(size=(6, 4)).astype(np.float32) * 3
+TARGETS = ONE_HOT[np.arange(6) % 3]
+
+
+def _cross_entropy(model, training: bool) -> float:
+    predicted = model(FEATURES, training=training)
+    return float(keras.losses.categorical_crossentropy(TARGETS, predicted).numpy().mean())
+
+
+@pytest.mark.parametrize("fit, expected", [
+    ("augmented", lambda blank, clean: blank),
+    ("clean", lambda blank, clean: clean),
+    ("both", lambda blank, clean: (blank + clean) / 2),
+])
+def test_the_cross_entropy_fits_the_view_asked_for(fit, expected):
+    """The logged loss is the cross-entropy of the view(s) --consistency_fit names: a blank
+    augmented view predicts 1/3 each (log 3); the clean view predicts from the features."""
+    model = _two_view_model(fit)
+    blank, clean = _cross_entropy(model, True), _cross_entropy(model, False)
+    assert blank == pytest.approx(math.log(3), rel=1e-5) and abs(clean - blank) > 0.1
+    logged = model.fit(FEATURES, TARGETS, batch_size=6, epochs=1, verbose=0).history["loss"][0]
+    assert logged == pytest.approx(expected(blank, clean), rel=1e-4)
+
+
 def test_weight_zero_leaves_keras_training_as_it_is():
     model = _model(0.0)
     assert "train_step" not in vars(model)

@@ -158,6 +158,11 @@ class TrainConfig:
                                 "under two draws of the augmentation (AugMix's), so that what "
                                 "augmentation changes cannot change the class; 0: off. Needs "
                                 "--augment; a step costs three forward passes.")
+    consistency_fit: str = _field("augmented", "With --consistency, the prediction the "
+                                  "cross-entropy is computed on: augmented (the first "
+                                  "augmented view, as plain augmentation), clean (the image as "
+                                  "it is, AugMix's own form) or both (the mean of the two).",
+                                  ("augmented", "clean", "both"))
     backup_freq: str = _field("epoch", "Back up the training state (model_dir/backup) every "
                               "epoch, or every N steps (a number) for long epochs.")
 
@@ -393,6 +398,8 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (train.consistency >= 0, "train.consistency", "must be 0 or more"),
         (not train.consistency or aug.augment, "train.consistency",
          "needs --augment (it compares augmented views of each image)"),
+        (train.consistency_fit == "augmented" or train.consistency, "train.consistency_fit",
+         "applies only with --consistency above 0"),
         (train.backup_freq == "epoch" or (train.backup_freq.isdigit()
                                           and int(train.backup_freq) >= 1),
          "train.backup_freq", "must be epoch or a positive number of steps"),

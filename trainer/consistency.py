@@ -6,9 +6,10 @@ augmentation layers, and adds ``weight`` x the Jensen-Shannon divergence of the 
 predictions to the cross-entropy. Plain augmentation only asks each view to be classified
 right; a film's class can then still lean on its framing. The consistency term asks the
 views to agree, so whatever the augmentation changes (framing, aspect, contrast) cannot move
-the prediction. It replaces the model's ``train_step`` (an attribute of the instance, so the
-saved model and its checkpoints are the same as without it) and costs three forward passes a
-step.
+the prediction. The cross-entropy is computed on the first augmented view, the image as it
+is (AugMix's own form) or their mean (``fit``, --consistency_fit). It replaces the model's
+``train_step`` (an attribute of the instance, so the saved model and its checkpoints are the
+same as without it) and costs three forward passes a step.
 """
 from __future__ import annotations
 
@@ -39,25 +40,29 @@ def penalty(divergence: tf.Tensor, weight: float) -> tf.Tensor:
     return weight * tf.reduce_mean(divergence) / replicas
 
 
-def train_step(model, data, weight: float, tracker) -> dict:
+def train_step(model, data, weight: float, fit: str, tracker) -> dict:
     """Keras' ``train_step`` with the consistency term: cross-entropy (and class weights) on
-    the first augmented view, plus ``weight`` x the mean Jensen-Shannon divergence of the
-    image as it is and its two augmented views; the divergence's epoch mean is logged as
-    ``consistency`` (``tracker``, a ``keras.metrics.Mean``)."""
+    the view(s) ``fit`` names (``augmented``: the first augmented view; ``clean``: the image as
+    it is; ``both``: the mean of the two), plus ``weight`` x the mean Jensen-Shannon divergence
+    of the image as it is and its two augmented views; the divergence's epoch mean is logged
+    as ``consistency`` (``tracker``, a ``keras.metrics.Mean``)."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
-        augmented = model(x, training=True)
-        views = [augmented, model(x, training=True), model(x, training=False)]
+        augmented, clean = model(x, training=True), model(x, training=False)
+        views = [augmented, model(x, training=True), clean]
         views = [tf.cast(v, tf.float32) for v in views]  # mixed precision predicts in 16 bits
         divergence = jensen_shannon(views)
-        loss = model.compute_loss(x, y, augmented, sample_weight) + penalty(divergence, weight)
+        fitted = {"augmented": [augmented], "clean": [clean], "both": [augmented, clean]}[fit]
+        cross_entropy = tf.add_n([model.compute_loss(x, y, p, sample_weight)
+                                  for p in fitted]) / len(fitted)
+        loss = cross_entropy + penalty(divergence, weight)
     model.optimizer.minimize(loss, model.trainable_variables, tape=tape)
     tracker.update_state(divergence)
-    logs = model.compute_metrics(x, y, augmented, sample_weight)
+    logs = model.compute_metrics(x, y, fitted[0], sample_weight)
     return {**logs, "consistency": tracker.result()}
 
 
-def use(model, weight: float) -> None:
+def use(model, weight: float, fit: str = "augmented") -> None:
     """Train ``model`` with the consistency term from its next ``fit`` (weight 0: no change).
     Call it in the strategy's scope, where the model was built. The divergence's running mean
     is kept outside the model (a metric attribute would add its variables to the model's
@@ -72,4 +77,5 @@ def use(model, weight: float) -> None:
         tracker.reset_state()
 
     model.reset_metrics = reset_metrics
-    model.train_step = functools.partial(train_step, model, weight=weight, tracker=tracker)
+    model.train_step = functools.partial(train_step, model, weight=weight, fit=fit,
+                                         tracker=tracker)

@@ -256,7 +256,8 @@ def run(config: Config) -> dict:
         model = models.build(config.model, config.data.image_size, len(splits.classes),
                              config.augment)
         compile_model(model, config, learning_rate)
-        consistency.use(model, config.train.consistency)  # here: compiled copies only evaluate
+        # here: compiled copies only evaluate
+        consistency.use(model, config.train.consistency, config.train.consistency_fit)
 
     batch = config.train.batch_size * replicas  # batch_size is per replica
     logging.info("global batch %d = %d per replica x %d replicas; learning rate %g (lr_scaling=%s)",
