@@ -103,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     for model_dir in args.runs:
         study = re.sub(r"-seed\d+$", "", Path(model_dir).name)
         for form, got in probe(model_dir).items():
-            print(f"| {model_dir} | {form} | {_cells(got)} |", flush=True)
+            print(f"| {model_dir} | {form} | {cells(got)} |", flush=True)
             studies.setdefault((study, form), []).append(got)
     print("\nMedians over the runs of each study (run folders that differ only in -seedN):\n")
     print("| study | form | runs | accuracy | macro-F1 | recall per class |")
     print("|---|---|---|---|---|---|")
     for (study, form), runs in studies.items():
-        print(f"| {study} | {form} | {len(runs)} | {_cells(median_scores(runs))} |")
+        print(f"| {study} | {form} | {len(runs)} | {cells(median_scores(runs))} |")
     return 0
 
 
@@ -122,7 +122,7 @@ def median_scores(runs: list[dict]) -> dict:
                        for c in runs[0]["recall"]}}
 
 
-def _cells(got: dict) -> str:
+def cells(got: dict) -> str:
     """'accuracy | macro-F1 | recall per class' table cells."""
     f1 = "-" if got["macro_f1"] is None else f"{got['macro_f1']:.3f}"
     recall = ", ".join(f"{c} {r:.3f}" for c, r in got["recall"].items())
