@@ -4,8 +4,8 @@
         --held_out=NORMAL2- --held_out='person([7-9][0-9][0-9]|1[0-9][0-9][0-9])_'
 
 Each film of one source is decoded as the trainer decodes it (``--image_size``), histogram-
-equalised by the trainer's own layer and reduced to two profiles: the mean of each row and the
-mean of each column. Profiles say where on the film the dark lungs and the bright mediastinum,
+equalised by the trainer's own layer and reduced to two profiles, the mean of each row and the
+mean of each column (trainer/layout_weights.py, which --layout_weights uses). Profiles say where on the film the dark lungs and the bright mediastinum,
 diaphragm and shoulders lie, and next to nothing about the texture inside the lungs. A logistic
 regression is fitted on the profiles of the training films and scored on the held-out films
 (file names matching a ``--held_out`` regular expression) as they are and reframed as
@@ -28,25 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from framing_probe import FORMS, cells, reframe, scores  # noqa: E402  (beside this script)
+from trainer.layout_weights import equalised, layout_model, profiles  # noqa: E402
 
 STUDY_HELD_OUT = ("NORMAL2-", "person([7-9][0-9][0-9]|1[0-9][0-9][0-9])_")
 FEATURE_SETS = ("rows and columns", "columns alone", "rows alone")
 
 
-def equalised(films_pixels: list, image_size: int):
-    """uint8 [H, W, 3] films -> float32 [N, image_size, image_size, 3] as the trainer's model
-    sees them before augmentation: decoded at image_size and histogram-equalised."""
+def decoded(films_pixels: list, image_size: int):
+    """uint8 [H, W, 3] films -> uint8 [N, image_size, image_size, 3], decoded as the trainer
+    decodes a file (re-encoded as a JPEG first, as bench/framing_probe.py does)."""
     import tensorflow as tf
-    from trainer import data, intensity
-    images = tf.stack([data.decode_pixels(tf.io.encode_jpeg(pixels, quality=90), image_size)
-                       for pixels in films_pixels])
-    return intensity.normalization_layer("equalize")(tf.cast(images, tf.float32))
-
-
-def profiles(images) -> np.ndarray:
-    """[N, S, S, C] images -> [N, 2S]: each image's column means, then its row means."""
-    gray = np.asarray(images)[..., 0]
-    return np.concatenate([gray.mean(axis=1), gray.mean(axis=2)], axis=1)
+    from trainer import data
+    return tf.stack([data.decode_pixels(tf.io.encode_jpeg(pixels, quality=90), image_size)
+                     for pixels in films_pixels])
 
 
 def aspect_draws(images, aspect: float, draws: int):
@@ -91,9 +85,6 @@ def probe(data_dir: str, source: str, held_out: list[str], image_size: int,
     """(feature set, form, ``scores``) of a logistic regression on the films' profiles,
     trained on ``draws`` random crops of each training film where ``aspect`` > 0."""
     import tensorflow as tf
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from trainer import storage
     chosen = films(data_dir, source, held_out)
     classes = sorted({label for _, label, _ in chosen})
@@ -101,14 +92,14 @@ def probe(data_dir: str, source: str, held_out: list[str], image_size: int,
                                  expand_animations=False).numpy() for path, _, _ in chosen]
     labels = np.array([classes.index(label) for _, label, _ in chosen])
     held = np.array([h for _, _, h in chosen])
-    train_images = equalised([p for p, h in zip(pixels, held) if not h], image_size)
+    train_images = equalised(decoded([p for p, h in zip(pixels, held) if not h], image_size))
     train = profiles(aspect_draws(train_images, aspect, draws))
     train_labels = np.tile(labels[~held], len(train) // len(train_images))
-    tests = {form: profiles(equalised([reframe(p, form) for p, h in zip(pixels, held) if h],
-                                      image_size)) for form in FORMS}
+    tests = {form: profiles(equalised(decoded([reframe(p, form) for p, h in zip(pixels, held)
+                                               if h], image_size))) for form in FORMS}
     rows = []
     for name in FEATURE_SETS:
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
+        model = layout_model()
         model.fit(features(train, name, image_size), train_labels)
         for form in FORMS:
             predicted = model.predict(features(tests[form], name, image_size))

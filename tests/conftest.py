@@ -131,3 +131,13 @@ def run_python(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
 def script_result(done: subprocess.CompletedProcess):
     """What a script run by ``run_python`` printed as JSON after ``RESULT ``."""
     return json.loads(done.stdout.split("RESULT ", 1)[1])
+
+
+def layout_film(rng, high: bool, size: int = 48):
+    """A gray uint8 [size, size] film whose dark band ("lungs") sits high or low, plus noise:
+    a class told by its layout alone."""
+    import numpy as np
+    image = rng.normal(170, 12, (size, size))
+    top = rng.integers(size // 12, size // 5) if high else rng.integers(size // 2, size * 5 // 8)
+    image[top:top + size * 7 // 24, size // 8:size - size // 8] -= 100
+    return np.clip(image, 0, 255).astype(np.uint8)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import layout_film
+
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 48
 
@@ -18,15 +20,6 @@ SIZE = 48
 def probe_module(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     return importlib.import_module("geometry_probe")
-
-
-def _film(rng, label: str) -> np.ndarray:
-    """A gray film whose dark 'lungs' sit high (class A) or low (class B), plus noise: the
-    class is in the layout alone."""
-    image = rng.normal(170, 12, (SIZE, SIZE))
-    top = rng.integers(4, 10) if label == "A" else rng.integers(24, 30)
-    image[top:top + 14, 6:SIZE - 6] -= 100
-    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def _tree(root: Path, later_per_class: int = 6) -> Path:
@@ -38,10 +31,11 @@ def _tree(root: Path, later_per_class: int = 6) -> Path:
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(20):
             name = f"k-{'later-' if i >= 20 - later_per_class else ''}{i}.png"
-            png = tf.io.encode_png(_film(rng, label)[..., np.newaxis]).numpy()
-            (root / label / name).write_bytes(png)
+            film = layout_film(rng, label == "A", SIZE)
+            (root / label / name).write_bytes(tf.io.encode_png(film[..., np.newaxis]).numpy())
             rows.append((f"{label}/{name}", label, "k"))
-    (root / "A" / "other.png").write_bytes(tf.io.encode_png(_film(rng, "B")[..., None]).numpy())
+    other = layout_film(rng, False, SIZE)[..., np.newaxis]
+    (root / "A" / "other.png").write_bytes(tf.io.encode_png(other).numpy())
     rows.append(("A/other.png", "A", "elsewhere"))
     with open(root / "manifest.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -67,13 +61,6 @@ def test_training_on_random_crops_draws_each_film_several_times(tmp_path, probe_
     assert probe_module.aspect_draws(images, 0.3, 4).shape[0] == 20
     rows = probe_module.probe(str(_tree(tmp_path)), "k", ["-later-"], SIZE, aspect=0.3, draws=2)
     assert len(rows) == 9
-
-
-def test_profiles_are_column_then_row_means(probe_module):
-    image = np.zeros((1, 4, 4, 3), np.float32)
-    image[0, 0, :, :] = 8.0  # the first row bright
-    got = probe_module.profiles(image)[0]
-    np.testing.assert_allclose(got, [2, 2, 2, 2, 8, 0, 0, 0])
 
 
 LATER = "--held_out=-later-"

@@ -160,6 +160,7 @@ VALID_NEW_VALUES = [
     {"model": "robust", "consistency": 12.0, "consistency_fit": "clean"},
     {"model": "robust", "consistency": 1.0, "consistency_fit": "both"},
     {"consistency_fit": "augmented"},
+    {"layout_weights": 0.0}, {"layout_weights": 1.0}, {"model": "robust", "layout_weights": 10},
 ]
 
 
@@ -189,6 +190,10 @@ INVALID_NEW_VALUES = [
     ({"model": "robust", "consistency": 1.0, "consistency_fit": "mean"},
      "train.consistency_fit (--consistency_fit) must be one of augmented, clean, both, "
      "got 'mean'"),
+    ({"layout_weights": 0.5}, "train.layout_weights (--layout_weights) must be 0 (off) or at "
+                              "least 1 (a clip below 1 would flatten every weight), got 0.5"),
+    ({"layout_weights": -2.0}, "train.layout_weights (--layout_weights) must be 0 (off) or at "
+                               "least 1"),
     ({"stretch": 1.0}, "augment.stretch (--stretch) must be in [0, 1)"),
     ({"aspect": -0.1}, "augment.aspect (--aspect) must be in [0, 0.5), got -0.1"),
     ({"aspect": 0.5}, "augment.aspect (--aspect) must be in [0, 0.5), got 0.5"),

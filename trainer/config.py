@@ -163,6 +163,11 @@ class TrainConfig:
                                   "augmented view, as plain augmentation), clean (the image as "
                                   "it is, AugMix's own form) or both (the mean of the two).",
                                   ("augmented", "clean", "both"))
+    layout_weights: float = _field(0.0, "Weight each training image by 1 / p, p the "
+                                   "probability a logistic regression of its layout (row "
+                                   "and column mean profiles) gives its own class, clipped "
+                                   "at this value and averaged to 1 per class, so that the "
+                                   "layout alone stops paying; 0: off, else at least 1.")
     backup_freq: str = _field("epoch", "Back up the training state (model_dir/backup) every "
                               "epoch, or every N steps (a number) for long epochs.")
 
@@ -400,6 +405,8 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
          "needs --augment (it compares augmented views of each image)"),
         (train.consistency_fit == "augmented" or train.consistency, "train.consistency_fit",
          "applies only with --consistency above 0"),
+        (train.layout_weights == 0 or train.layout_weights >= 1, "train.layout_weights",
+         "must be 0 (off) or at least 1 (a clip below 1 would flatten every weight)"),
         (train.backup_freq == "epoch" or (train.backup_freq.isdigit()
                                           and int(train.backup_freq) >= 1),
          "train.backup_freq", "must be epoch or a positive number of steps"),

@@ -372,21 +372,26 @@ def _images_in_budget(data: DataConfig) -> int:
 
 
 def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
-                 training: bool, whole_batches: bool = False) -> tf.data.Dataset:
-    """Decoded, resized, batched uint8 images, one-hot labels; shuffled every epoch if training.
+                 training: bool, whole_batches: bool = False,
+                 weights: np.ndarray | None = None) -> tf.data.Dataset:
+    """Decoded, resized, batched uint8 images, one-hot labels (and, given ``weights``, one
+    per example, the example's weight); shuffled every epoch if training.
 
     ``whole_batches`` drops a short last batch (see ``cache_shuffle_batch``)."""
     if examples and examples[0].prepared:
-        return prepared.make_dataset(examples, data, batch_size, training, whole_batches)
+        return prepared.make_dataset(examples, data, batch_size, training, whole_batches,
+                                     weights)
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples], dtype=np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    columns = (paths, labels) if weights is None else (paths, labels,
+                                                        np.asarray(weights, np.float32))
+    ds = tf.data.Dataset.from_tensor_slices(columns)
     stream = training and not should_cache(data, len(examples))
     if stream:  # uncached: shuffle the file list; decoded images stream through
         ds = ds.shuffle(max(len(paths), 1), seed=data.seed, reshuffle_each_iteration=True)
     jpeg_shrink = has_jpeg_names(paths)
-    ds = ds.map(lambda p, y: (decode_pixels(tf.io.read_file(p), data.image_size,
-                                            data.interpolation, jpeg_shrink), y),
+    ds = ds.map(lambda p, y, *w: (decode_pixels(tf.io.read_file(p), data.image_size,
+                                                data.interpolation, jpeg_shrink), y, *w),
                 num_parallel_calls=tf.data.AUTOTUNE)
     return cache_shuffle_batch(ds, data, len(examples), batch_size, training and not stream,
                                whole_batches)
@@ -394,7 +399,7 @@ def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
 
 def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, batch_size: int,
                         shuffle: bool, whole_batches: bool = False) -> tf.data.Dataset:
-    """The common tail for (uint8 image, label) elements: cache them if they fit, reshuffle
+    """The common tail for (uint8 image, label[, weight]) elements: cache them if they fit, reshuffle
     every epoch (``shuffle_buffer``), batch, one-hot the labels. Images stay uint8: the
     models scale them on the device (models.py), which saves the CPU a float copy of every
     batch (first epoch over 1024 px PNGs at 256 px: 6% more images/s, docs/benchmarks.md).
@@ -408,8 +413,9 @@ def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, ba
         ds = ds.shuffle(shuffle_buffer(data, n_images), seed=data.seed,
                         reshuffle_each_iteration=True)
     n_classes = len(data.classes)
-    ds = ds.batch(batch_size, drop_remainder=whole_batches).map(lambda images, labels: (images, tf.one_hot(labels, n_classes)),
-                                  num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=whole_batches).map(
+        lambda images, labels, *weights: (images, tf.one_hot(labels, n_classes), *weights),
+        num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.autotune.enabled = data.autotune
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

@@ -160,12 +160,13 @@ def record_key(label, relpath):
 
 
 def make_dataset(examples: list, data: DataConfig, batch_size: int,
-                 training: bool, whole_batches: bool = False) -> tf.data.Dataset:
+                 training: bool, whole_batches: bool = False, weights=None) -> tf.data.Dataset:
     """Like data.make_dataset, from the TFDS split holding ``examples``: the image bytes as
     stored (TFDS's own decoding skipped), decoded by the pipeline's decoder, so the pixels
     equal those trained from the files. Training reads the shards interleaved in a shuffled
     order (seeded); evaluation in the stored order (load_splits' order), so predictions line up
-    with ``examples``. Records of images not in ``examples`` (a subset) are skipped."""
+    with ``examples``. Records of images not in ``examples`` (a subset) are skipped. Given
+    ``weights`` (one per example), each record carries its example's, found by its key."""
     from trainer import data as data_lib
     root, split = examples[0].prepared
     reader = builder(root)
@@ -180,12 +181,23 @@ def make_dataset(examples: list, data: DataConfig, batch_size: int,
         wanted = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys, dtype=tf.int32)), 0)
         ds = ds.filter(lambda ex: wanted.lookup(record_key(ex["label"], ex["relpath"])) > 0)
+    weight_of = _weight_lookup(examples, weights)
     ds = ds.map(lambda ex: (data_lib.decode_pixels(ex["image"], data.image_size,
                                                    data.interpolation),
-                            tf.cast(ex["label"], tf.int32)),
+                            tf.cast(ex["label"], tf.int32)) + weight_of(ex),
                 num_parallel_calls=tf.data.AUTOTUNE)
     return data_lib.cache_shuffle_batch(ds, data, len(examples), batch_size, training,
                                         whole_batches)
+
+
+def _weight_lookup(examples: list, weights):
+    """record -> (its example's weight,) found by its key; record -> () without ``weights``."""
+    if weights is None:
+        return lambda record: ()
+    keys = tf.constant([record_key(e.label, e.relpath) for e in examples])
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        keys, tf.constant(weights, tf.float32)), default_value=1.0)
+    return lambda record: (table.lookup(record_key(record["label"], record["relpath"])),)
 
 
 # ----------------------------------------------------------------------------- writing

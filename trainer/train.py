@@ -11,7 +11,8 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import callbacks, checkpoints, config as config_lib, consistency, data, datacheck, \
-    distribute, export, lung_field, metrics, models, sources as sources_lib, storage
+    distribute, export, layout_weights, lung_field, metrics, models, sources as sources_lib, \
+    storage
 from trainer.config import Config
 from trainer.errors import DataError, Preempted, RunDirError, TrainerError
 from trainer.keras_api import keras
@@ -143,8 +144,10 @@ def one_device_copy(model, config: Config):
     return copy
 
 
-def fit_inputs(model, splits: data.Splits, config: Config, strategy, me: distribute.Role):
-    """What fit reads: (training batches, validation batches, validation callback).
+def fit_inputs(model, splits: data.Splits, config: Config, strategy, me: distribute.Role,
+               sample_weights: np.ndarray | None = None):
+    """What fit reads: (training batches, validation batches, validation callback); the
+    training batches carry ``sample_weights`` (one per training image) where given.
 
     With several replicas no replica may get an empty batch (oneDNN's CPU kernels fail on
     one), so every training batch is whole (a short last batch is dropped; the reshuffle
@@ -160,7 +163,8 @@ def fit_inputs(model, splits: data.Splits, config: Config, strategy, me: distrib
                         f"{replicas} replicas), and every replica needs a whole batch at each "
                         "step; lower --batch_size or add images")
     train_ds = models.feed_dataset(model, distribute.shard_by_data(data.make_dataset(
-        splits.train, config.data, batch, training=True, whole_batches=several)))
+        splits.train, config.data, batch, training=True, whole_batches=several,
+        weights=sample_weights)))
     if not splits.val:
         return train_ds, None, None
     if not several:
@@ -218,9 +222,23 @@ def log_stop(cbs: list, config: Config, monitor: str) -> None:
                      kept.best_epoch, monitor, kept.best)
 
 
+def sample_weights(splits: data.Splits, config: Config,
+                   weights: dict | None) -> np.ndarray | None:
+    """Per training image, its --layout_weights weight times its class weight (None with
+    --layout_weights=0: fit applies the class weights). Keras does not combine class_weight
+    with a dataset's own sample weights (its reshape of an unknown batch size fails)."""
+    if not config.train.layout_weights:
+        return None
+    films = layout_weights.film_weights(splits.train, config.data, config.train.layout_weights)
+    if weights is None:
+        return films
+    return films * np.array([weights[e.label] for e in splits.train], np.float32)
+
+
 def fit(model, train_ds, val_ds, config: Config, weights: dict | None, cbs: list,
         me: distribute.Role):
-    """model.fit; a lost peer worker ends the run as preempted (exit 75): a restart resumes."""
+    """model.fit (``weights``: the class weights, None where the batches carry sample
+    weights); a lost peer worker ends the run as preempted (exit 75): a restart resumes."""
     try:
         return model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs,
                          class_weight=weights, callbacks=cbs, verbose=0)
@@ -246,6 +264,7 @@ def run(config: Config) -> dict:
     weights = (data.class_weights([e.label for e in splits.train], len(splits.classes))
                if config.train.class_weights == "balanced" else None)
     log_data_summary(splits, weights)
+    per_image = sample_weights(splits, config, weights)
 
     replicas = strategy.num_replicas_in_sync
     precision = config.runtime.mixed_precision
@@ -262,7 +281,7 @@ def run(config: Config) -> dict:
     batch = config.train.batch_size * replicas  # batch_size is per replica
     logging.info("global batch %d = %d per replica x %d replicas; learning rate %g (lr_scaling=%s)",
                  batch, config.train.batch_size, replicas, learning_rate, config.runtime.lr_scaling)
-    train_ds, val_ds, validation = fit_inputs(model, splits, config, strategy, me)
+    train_ds, val_ds, validation = fit_inputs(model, splits, config, strategy, me, per_image)
     monitor = "val_loss" if splits.val else "loss"
     out_dir = model_dir if me.is_chief else distribute.worker_temp_dir(me)
     try:
@@ -270,7 +289,8 @@ def run(config: Config) -> dict:
         logging.info("training %s on %d images (%s), up to %d epochs%s",
                      config.model.architecture, len(splits.train), out_dir, config.train.epochs,
                      " (resuming)" if resuming else "")
-        history = fit(model, train_ds, val_ds, config, weights, cbs, me)
+        history = fit(model, train_ds, val_ds, config, weights if per_image is None else None,
+                      cbs, me)
     finally:
         if not me.is_chief:
             distribute.remove_worker_temp_dir(out_dir)
