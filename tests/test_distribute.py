@@ -250,6 +250,20 @@ def test_two_replicas_validate_every_image_once(mirrored_runs):
         assert float(recorded[f"val_{name}"]) == pytest.approx(again[name], abs=1e-5), name
 
 
+def test_two_replicas_train_with_layout_weights(mirrored_runs, tmp_path):
+    """--layout_weights under MirroredStrategy: the weighted batches split across replicas."""
+    data_dir = mirrored_runs["mirrored"][0].parent / "data"
+    done = run_python(TRAIN_SCRIPT, *SMALL_RUN, f"--data_dir={data_dir}", "--epochs=2",
+                      f"--model_dir={tmp_path / 'run'}", "--strategy=mirrored", "--batch_size=8",
+                      "--layout_weights=5")
+    log = done.stdout + done.stderr
+    assert "(strategy: mirrored, replicas: 2)" in log
+    assert "layout weights (clip 5; within all)" in log
+    history = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert len(history) == 2 and all(np.isfinite(float(row["loss"])) for row in history)
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
 # --- No replica is ever handed an empty batch (oneDNN's CPU kernels fail on one) -------------
 
 # Builds what fit reads, exactly as train.run does, with MirroredStrategy over N logical CPUs:
