@@ -332,6 +332,10 @@ def test_feed_gives_each_model_the_input_it_was_built_for(dtype, expected):
     np.testing.assert_array_equal(np.asarray(fed), expected)
     ds = models.feed_dataset(model, tf.data.Dataset.from_tensors((PIXELS, [1.0])))
     np.testing.assert_array_equal(next(iter(ds))[0].numpy(), expected)
+    weighted = models.feed_dataset(model, tf.data.Dataset.from_tensors((PIXELS, [1.0], 0.5)))
+    images, _, weight = next(iter(weighted))  # sample weights (--layout_weights) pass through
+    np.testing.assert_array_equal(images.numpy(), expected)
+    assert float(weight) == 0.5
 
 
 def test_backup_of_a_float_input_model_resumes_into_the_pixel_model(tmp_path):

@@ -399,8 +399,8 @@ def make_dataset(examples: list[Example], data: DataConfig, batch_size: int,
 
 def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, batch_size: int,
                         shuffle: bool, whole_batches: bool = False) -> tf.data.Dataset:
-    """The common tail for (uint8 image, label[, weight]) elements: cache them if they fit, reshuffle
-    every epoch (``shuffle_buffer``), batch, one-hot the labels. Images stay uint8: the
+    """The common tail for (uint8 image, label[, weight]) elements: cache them if they fit,
+    reshuffle every epoch (``shuffle_buffer``), batch, one-hot the labels. Images stay uint8: the
     models scale them on the device (models.py), which saves the CPU a float copy of every
     batch (first epoch over 1024 px PNGs at 256 px: 6% more images/s, docs/benchmarks.md).
     tf.data's autotuner is off unless data.autotune: with it, passes stalled until its next

@@ -129,10 +129,10 @@ def feed(model, pixels):
 
 
 def feed_dataset(model, ds):
-    """A dataset of (uint8 images, labels) as ``model`` takes it (see ``feed``)."""
+    """A dataset of (uint8 images, labels[, weights]) as ``model`` takes it (see ``feed``)."""
     if takes_pixels(model):
         return ds
-    return ds.map(lambda images, labels: (feed(model, images), labels))
+    return ds.map(lambda images, labels, *weights: (feed(model, images), labels, *weights))
 
 
 def takes_pixels(model) -> bool:
