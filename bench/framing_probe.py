@@ -3,12 +3,14 @@
     python bench/framing_probe.py RUN [RUN ...]
 
 For each run trained with ``--holdout_sources``, its held-out images (by DATA_DIR/manifest.csv)
-are predicted three ways: as they are; "narrowed", the middle 3/4 of the rows cut out and
+are predicted four ways: as they are; "narrowed", the middle 3/4 of the rows cut out and
 stretched back to a square (the content looks taller and narrower, as in cxr3's Kermany films,
-which were squashed to a square upstream); and "widened", the middle 3/4 of the columns (the
-content looks wider). Every form is re-encoded as a JPEG and read by the trainer's own decode.
-A model that learnt the lungs should call a film the same class in all three forms; a large
-fall shows a geometric shortcut. Where the held-out images hold several classes (e.g.
+which were squashed to a square upstream); "widened", the middle 3/4 of the columns (the
+content looks wider); and "zoomed", the middle 3/4 of both (the content larger, its
+proportions kept: a film framed more tightly, with the same chest). Every form is re-encoded
+as a JPEG and read by the trainer's own decode. A model that learnt the lungs should call a
+film the same class in all four forms; a large fall shows a geometric shortcut, and a fall
+narrowed that zooming does not give points at the proportions of the chest, not its framing. Where the held-out images hold several classes (e.g.
 ``--holdout_sources=cxnet,kermany-later,kermany-p1200``), each form also gets its macro-F1 over
 those classes and the recall of each: a model that calls everything NORMAL keeps its accuracy
 on held-out normals whatever the framing. Nothing is written: one line per run and form on
@@ -25,22 +27,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-KEEP = 0.75  # the fraction of rows (narrowed) or columns (widened) kept
-FORMS = ("as-is", "narrowed", "widened")
+KEEP = 0.75  # the fraction of rows (narrowed), columns (widened) or both (zoomed) kept
+FORMS = ("as-is", "narrowed", "widened", "zoomed")
 
 
 def reframe(pixels, form: str):
-    """uint8 [H, W, C] -> the same size after cutting the middle KEEP of rows or columns."""
+    """uint8 [H, W, C] -> the same size after keeping the middle KEEP of the rows, the
+    columns or both (``form``), resized back."""
     import tensorflow as tf
     height, width = pixels.shape[0], pixels.shape[1]
     if form == "as-is":
         return pixels
-    if form == "narrowed":
-        cut = int(height * (1 - KEEP) / 2)
-        part = pixels[cut:height - cut]
-    else:
-        cut = int(width * (1 - KEEP) / 2)
-        part = pixels[:, cut:width - cut]
+    rows = int(height * (1 - KEEP) / 2) if form in ("narrowed", "zoomed") else 0
+    cols = int(width * (1 - KEEP) / 2) if form in ("widened", "zoomed") else 0
+    part = pixels[rows:height - rows, cols:width - cols]
     resized = tf.image.resize(tf.cast(part, tf.float32), (height, width), antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 

@@ -48,7 +48,7 @@ def test_a_class_in_the_layout_is_found_and_reframing_moves_it(tmp_path, probe_m
     rows = probe_module.probe(str(_tree(tmp_path)), "k", ["-later-"], SIZE)
     got = {(name, form): scores for name, form, scores in rows}
     assert set(got) == {(name, form) for name in probe_module.FEATURE_SETS
-                        for form in ("as-is", "narrowed", "widened")}
+                        for form in probe_module.FORMS}
     assert got[("rows alone", "as-is")]["accuracy"] == 1.0
     assert got[("rows and columns", "as-is")]["accuracy"] == 1.0
     assert got[("columns alone", "as-is")]["accuracy"] < 0.9  # the columns do not carry it
@@ -60,7 +60,7 @@ def test_training_on_random_crops_draws_each_film_several_times(tmp_path, probe_
     assert probe_module.aspect_draws(images, 0.0, 4).shape[0] == 5
     assert probe_module.aspect_draws(images, 0.3, 4).shape[0] == 20
     rows = probe_module.probe(str(_tree(tmp_path)), "k", ["-later-"], SIZE, aspect=0.3, draws=2)
-    assert len(rows) == 9
+    assert len(rows) == len(probe_module.FEATURE_SETS) * len(probe_module.FORMS)
 
 
 LATER = "--held_out=-later-"
