@@ -51,7 +51,7 @@ def _tree(root: Path, typical: int = 16, swapped: int = 2) -> Path:
 
 def _data_config(root: Path, **overrides) -> config_lib.DataConfig:
     return dataclasses.replace(config_lib.load("vanilla").data, data_dir=str(root),
-                               classes=CLASSES, image_size=32, **overrides)
+                               **{"classes": CLASSES, "image_size": 32, **overrides})
 
 
 def test_films_laid_out_like_the_other_class_weigh_most(tmp_path):
@@ -92,6 +92,23 @@ def test_layout_is_judged_within_each_source(tmp_path):
         mine = (labels == label) & ~from_x
         assert weights[mine & swapped].min() > weights[mine & ~swapped].max()
     assert weights[labels == 0].mean() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_a_class_with_one_image_in_a_source_weighs_one(tmp_path):
+    """Class C has a single film: it cannot be held out of fold, so it keeps weight 1 and
+    the layout model is fitted on A and B alone."""
+    root = _tree(tmp_path)
+    (root / "C").mkdir()
+    film = layout_film(np.random.default_rng(2), high=True)
+    (root / "C" / "only.png").write_bytes(tf.io.encode_png(film[..., np.newaxis]).numpy())
+    config = _data_config(root, classes=CLASSES + ["C"])
+    examples = data.list_examples(config.data_dir, CLASSES + ["C"])
+    weights = layout_weights.film_weights(examples, config, clip=10.0)
+    labels = np.array([e.label for e in examples])
+    assert weights[labels == 2].tolist() == [1.0]
+    swapped = np.array(["swapped-" in e.relpath for e in examples])
+    mine = labels == 0
+    assert weights[mine & swapped].min() > weights[mine & ~swapped].max()
 
 
 @pytest.mark.parametrize("counts", [[5, 0], [5, 1]])

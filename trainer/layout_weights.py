@@ -66,9 +66,12 @@ def inverse_propensity(own: np.ndarray, labels: np.ndarray, clip: float) -> np.n
     return weights.astype(np.float32)
 
 
-def _fittable(labels: np.ndarray) -> bool:
-    """Whether two classes or more hold at least two images each (one fold each way)."""
-    return (np.bincount(labels) >= 2).sum() >= 2
+def _fittable(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The ``rows`` (one source's) whose class has at least two images among them (one per
+    fold each way), if two classes or more do; none otherwise."""
+    counts = np.bincount(labels[rows])
+    kept = rows[counts[labels[rows]] >= 2]
+    return kept if len(np.unique(labels[kept])) >= 2 else kept[:0]
 
 
 def film_weights(examples: list, data: DataConfig, clip: float) -> np.ndarray:
@@ -76,12 +79,14 @@ def film_weights(examples: list, data: DataConfig, clip: float) -> np.ndarray:
     at data.image_size, judged within its own source where the data names sources (the
     layout of a source that holds one class is that source's, for --holdout_sources and
     --val_sources to test; within a source, it must not tell the class). Films of a source
-    that does not hold two classes, or only one of whose classes has two films, weigh 1."""
+    that does not hold two classes of two films or more, and of a class with one film in its
+    source, weigh 1."""
     from trainer import data as data_lib
     labels = np.array([e.label for e in examples])
     found = data_lib.read_sources(data.data_dir, examples) or ["all"] * len(examples)
-    groups = {name: np.flatnonzero([s == name for s in found]) for name in sorted(set(found))}
-    groups = {name: rows for name, rows in groups.items() if _fittable(labels[rows])}
+    groups = {name: _fittable(np.flatnonzero([s == name for s in found]), labels)
+              for name in sorted(set(found))}
+    groups = {name: rows for name, rows in groups.items() if len(rows)}
     if not groups:
         raise DataError("--layout_weights needs at least two training images of each of two "
                         "classes or more within one source, to fit the layout model out of "
