@@ -10,7 +10,8 @@ content looks wider); and "zoomed", the middle 3/4 of both (the content larger, 
 proportions kept: a film framed more tightly, with the same chest). Every form is re-encoded
 as a JPEG and read by the trainer's own decode. A model that learnt the lungs should call a
 film the same class in all four forms; a large fall shows a geometric shortcut, and a fall
-narrowed that zooming does not give points at the proportions of the chest, not its framing. Where the held-out images hold several classes (e.g.
+narrowed that zooming does not give points at the proportions of the chest, not its framing.
+Where the held-out images hold several classes (e.g.
 ``--holdout_sources=cxnet,kermany-later,kermany-p1200``), each form also gets its macro-F1 over
 those classes and the recall of each: a model that calls everything NORMAL keeps its accuracy
 on held-out normals whatever the framing. Nothing is written: one line per run and form on
@@ -45,6 +46,15 @@ def reframe(pixels, form: str):
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
+def decoded(films_pixels: list, image_size: int, interpolation: str = "bilinear"):
+    """uint8 [H, W, 3] films -> uint8 [N, image_size, image_size, 3]: each re-encoded as a JPEG
+    and read by the trainer's own decode, as a file of that form would be."""
+    import tensorflow as tf
+    from trainer import data
+    return tf.stack([data.decode_pixels(tf.io.encode_jpeg(pixels, quality=90), image_size,
+                                        interpolation) for pixels in films_pixels])
+
+
 def held_out(config) -> list[tuple[str, str]]:
     """(path, label) of every image of the run's held-out sources, from the data manifest."""
     from trainer import sources, storage
@@ -71,7 +81,7 @@ def probe(model_dir: str) -> dict[str, dict]:
     """Held-out scores (``scores``) of a run's best checkpoint in each form."""
     import numpy as np
     import tensorflow as tf
-    from trainer import data, models, runs, storage
+    from trainer import models, runs, storage
     config = runs.read_config(model_dir)
     items = held_out(config)
     if not items:
@@ -84,10 +94,8 @@ def probe(model_dir: str) -> dict[str, dict]:
                  for path, _ in items]
     result = {}
     for form in FORMS:
-        images = np.stack([
-            data.decode_pixels(tf.io.encode_jpeg(reframe(pixels, form), quality=90),
-                               config.data.image_size, config.data.interpolation).numpy()
-            for pixels in originals])
+        images = decoded([reframe(pixels, form) for pixels in originals],
+                         config.data.image_size, config.data.interpolation).numpy()
         predicted = model.predict(models.feed(model, images), verbose=0).argmax(axis=1)
         result[form] = scores(labels, predicted, classes)
     return result

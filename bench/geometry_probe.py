@@ -5,8 +5,9 @@
 
 Each film of one source is decoded as the trainer decodes it (``--image_size``), histogram-
 equalised by the trainer's own layer and reduced to two profiles, the mean of each row and the
-mean of each column (trainer/layout_weights.py, which --layout_weights uses). Profiles say where on the film the dark lungs and the bright mediastinum,
-diaphragm and shoulders lie, and next to nothing about the texture inside the lungs. A logistic
+mean of each column (trainer/layout_weights.py, which --layout_weights uses). Profiles say
+where on the film the dark lungs and the bright mediastinum, diaphragm and shoulders lie, and
+next to nothing about the texture inside the lungs. A logistic
 regression is fitted on the profiles of the training films and scored on the held-out films
 (file names matching a ``--held_out`` regular expression) as they are and reframed as
 ``bench/framing_probe.py`` reframes them, with the profiles together, the columns' alone and
@@ -27,20 +28,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from framing_probe import FORMS, cells, reframe, scores  # noqa: E402  (beside this script)
+from framing_probe import FORMS, cells, decoded, reframe, scores  # noqa: E402  (beside this script)
 from trainer.layout_weights import equalised, layout_model, profiles  # noqa: E402
 
 STUDY_HELD_OUT = ("NORMAL2-", "person([7-9][0-9][0-9]|1[0-9][0-9][0-9])_")
 FEATURE_SETS = ("rows and columns", "columns alone", "rows alone")
-
-
-def decoded(films_pixels: list, image_size: int):
-    """uint8 [H, W, 3] films -> uint8 [N, image_size, image_size, 3], decoded as the trainer
-    decodes a file (re-encoded as a JPEG first, as bench/framing_probe.py does)."""
-    import tensorflow as tf
-    from trainer import data
-    return tf.stack([data.decode_pixels(tf.io.encode_jpeg(pixels, quality=90), image_size)
-                     for pixels in films_pixels])
 
 
 def aspect_draws(images, aspect: float, draws: int):
