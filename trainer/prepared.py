@@ -177,10 +177,8 @@ def make_dataset(examples: list, data: DataConfig, batch_size: int,
     ds = reader.as_dataset(split=split, shuffle_files=training, read_config=config,
                            decoders={"image": tfds().decode.SkipDecoding()})
     if len(examples) != reader.info.splits[split].num_examples:
-        keys = tf.constant([record_key(e.label, e.relpath) for e in examples])
-        wanted = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys, dtype=tf.int32)), 0)
-        ds = ds.filter(lambda ex: wanted.lookup(record_key(ex["label"], ex["relpath"])) > 0)
+        wanted = _by_key(examples, tf.ones([len(examples)], tf.int32), 0)
+        ds = ds.filter(lambda ex: wanted(ex) > 0)
     weight_of = _weight_lookup(examples, weights)
     ds = ds.map(lambda ex: (data_lib.decode_pixels(ex["image"], data.image_size,
                                                    data.interpolation),
@@ -190,14 +188,20 @@ def make_dataset(examples: list, data: DataConfig, batch_size: int,
                                         whole_batches)
 
 
+def _by_key(examples: list, values: tf.Tensor, default):
+    """record -> the value of its example (``values``, one per example), found by the
+    record's key; ``default`` for a record of no example."""
+    keys = tf.constant([record_key(e.label, e.relpath) for e in examples])
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), default)
+    return lambda record: table.lookup(record_key(record["label"], record["relpath"]))
+
+
 def _weight_lookup(examples: list, weights):
     """record -> (its example's weight,) found by its key; record -> () without ``weights``."""
     if weights is None:
         return lambda record: ()
-    keys = tf.constant([record_key(e.label, e.relpath) for e in examples])
-    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-        keys, tf.constant(weights, tf.float32)), default_value=1.0)
-    return lambda record: (table.lookup(record_key(record["label"], record["relpath"])),)
+    weight = _by_key(examples, tf.constant(weights, tf.float32), 1.0)
+    return lambda record: (weight(record),)
 
 
 # ----------------------------------------------------------------------------- writing
