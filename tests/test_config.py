@@ -161,6 +161,9 @@ VALID_NEW_VALUES = [
     {"model": "robust", "consistency": 1.0, "consistency_fit": "both"},
     {"consistency_fit": "augmented"},
     {"layout_weights": 0.0}, {"layout_weights": 1.0}, {"model": "robust", "layout_weights": 10},
+    {"chest_crop": True}, {"model": "robust", "chest_crop": True},
+    {"chest_crop": True, "chest_margin": 0.0}, {"chest_crop": True, "chest_margin": 0.49},
+    {"chest_crop": False, "jit_compile": True}, {"chest_crop": False, "lung_crop": True},
 ]
 
 
@@ -243,6 +246,13 @@ INVALID_NEW_VALUES = [
     ({"lung_crop": True, "border_crop": 0.05},
      "model.border_crop (--border_crop) must be 0 with --lung_crop"),
     ({"model": "robust", "lung_crop": True}, "must be 0 with --lung_crop"),
+    ({"chest_margin": 0.5}, "model.chest_margin (--chest_margin) must be in [0, 0.5), got 0.5"),
+    ({"chest_crop": True, "chest_margin": -0.01}, "model.chest_margin (--chest_margin) must be in "
+                                                   "[0, 0.5)"),
+    ({"chest_crop": True, "lung_crop": True}, "model.chest_crop (--chest_crop) cannot be combined "
+                                              "with --lung_crop"),
+    ({"chest_crop": True, "jit_compile": True}, "model.chest_crop (--chest_crop) cannot run under "
+                                                "--jit_compile"),
 ]
 
 

@@ -117,6 +117,7 @@ INPUT_RECIPES = {  # what the model does to its input before the network, one tr
     "equalize": {"intensity": "equalize", "border_crop": 0.1},
     "percentile": {"intensity": "percentile", "border_crop": 0.1},
     "lung-crop": {"intensity": "percentile", "lung_crop": True},
+    "chest-crop": {"intensity": "equalize", "border_crop": 0.1, "chest_crop": True},
 }
 
 
@@ -150,6 +151,7 @@ def test_the_run_records_and_the_checkpoint_carries_the_normalisation(normalised
     assert kinds & {intensity.HistogramEqualization, intensity.PercentileNormalization}
     names = {layer.name for layer in model.layers}
     assert ("lung_crop" in names) == bool(config.model.lung_box)
+    assert ("chest_crop" in names) == config.model.chest_crop
 
 
 def test_train_evaluate_predict_and_export_agree(normalised_run, tmp_path):

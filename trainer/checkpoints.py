@@ -15,7 +15,8 @@ import weakref
 
 import tensorflow as tf
 
-from trainer import augment, intensity  # noqa: F401 (registers the models' own layers for loading)
+# registers the models' own layers for loading
+from trainer import augment, chest_crop, intensity  # noqa: F401
 from trainer.keras_api import keras
 
 _WEIGHTS_ONLY = weakref.WeakKeyDictionary()  # model -> its uncompiled copy, made once

@@ -112,6 +112,13 @@ class ModelConfig:
     lung_box: list[float] = _field((), "Set by the trainer with lung_crop: the lung field's "
                                    "[top, left, bottom, right] as fractions of the image.",
                                    flag=False)
+    chest_crop: bool = _field(False, "Crop each image to its own lung field, found in its pixels "
+                              "(no masks: the darkest part of the film off its black surround), "
+                              "and resize it back, inside the model after border_crop, so every "
+                              "film is framed alike; an image where too little is found keeps "
+                              "its frame (trainer/chest_crop.py).")
+    chest_margin: float = _field(0.05, "chest_crop: widen each image's lung field by this "
+                                 "fraction of its height and width on each side.")
 
 
 @dataclasses.dataclass
@@ -422,6 +429,12 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (0 <= model.lung_margin < 0.5, "model.lung_margin", "must be in [0, 0.5)"),
         (not (model.lung_crop and model.border_crop), "model.border_crop",
          "must be 0 with --lung_crop (the lung field already leaves the borders out)"),
+        (0 <= model.chest_margin < 0.5, "model.chest_margin", "must be in [0, 0.5)"),
+        (not (model.chest_crop and model.lung_crop), "model.chest_crop",
+         "cannot be combined with --lung_crop (one crop frames the lungs: per image, or one box "
+         "from the masks)"),
+        (not (model.chest_crop and config.runtime.jit_compile), "model.chest_crop",
+         "cannot run under --jit_compile (XLA has no CropAndResize kernel)"),
         (0 <= model.percentile_low < 100, "model.percentile_low", "must be in [0, 100)"),
         (model.percentile_low < model.percentile_high <= 100, "model.percentile_high",
          "must be above percentile_low and at most 100"),

@@ -29,14 +29,32 @@ def _levels(images: tf.Tensor) -> tf.Tensor:
     return tf.reshape(levels, [tf.shape(images)[0], -1])
 
 
-def _cdf(levels: tf.Tensor) -> tf.Tensor:
-    """int32 [B, N] levels -> float32 [B, 256]: how many pixels of each image are <= each level.
-    One segment sum over the batch (no per-image loop; runs on CPU, GPU and under XLA)."""
+def _cdf(levels: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tensor:
+    """int32 [B, N] levels -> float32 [B, 256]: how many pixels of each image (or how much of
+    their ``weights`` [B, N]) are <= each level. One segment sum over the batch (no per-image
+    loop; runs on CPU, GPU and under XLA)."""
     batch = tf.shape(levels)[0]
     rows = tf.range(batch)[:, None] * LEVELS
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(levels, tf.float32), levels + rows,
-                                          batch * LEVELS)
+    counts = tf.math.unsorted_segment_sum(
+        tf.ones_like(levels, tf.float32) if weights is None else weights, levels + rows,
+        batch * LEVELS)
     return tf.cumsum(tf.reshape(counts, [batch, LEVELS]), axis=1)
+
+
+def level_cdf(images: tf.Tensor, where: tf.Tensor | None = None) -> tf.Tensor:
+    """float [B, H, W, C] in [0, 255] -> float32 [B, 256]: each image's luminance cdf, over
+    the pixels where ``where`` [B, H, W, 1] is 1 if given."""
+    weights = None if where is None else tf.reshape(where, [tf.shape(images)[0], -1])
+    return _cdf(_levels(images), weights)
+
+
+def percentile_level(cdf: tf.Tensor, percentile: float) -> tf.Tensor:
+    """[B, 1]: the smallest level whose cdf reaches percentile% of the pixels (at least one;
+    counts are whole, so the share is rounded up, past float32's error in n x share)."""
+    n = cdf[:, -1:]
+    share = tf.maximum(tf.math.ceil(n * (percentile / 100.0) - 1e-3), 1.0)
+    below = tf.reduce_sum(tf.cast(cdf < share, tf.float32), axis=1, keepdims=True)
+    return tf.minimum(below, LEVELS - 1.0)
 
 
 def _apply_curve(images: tf.Tensor, curve: tf.Tensor) -> tf.Tensor:
@@ -66,7 +84,7 @@ class HistogramEqualization(keras.layers.Layer):
 
     def call(self, inputs):
         images = tf.cast(inputs, tf.float32)
-        cdf = _cdf(_levels(images))
+        cdf = level_cdf(images)
         n = cdf[:, -1:]
         cdf_min = tf.reduce_min(tf.where(cdf > 0, cdf, n), axis=1, keepdims=True)
         curve = tf.maximum(cdf - cdf_min, 0.0) / tf.maximum(n - cdf_min, 1.0) * (LEVELS - 1)
@@ -85,21 +103,12 @@ class PercentileNormalization(keras.layers.Layer):
 
     def call(self, inputs):
         images = tf.cast(inputs, tf.float32)
-        cdf = _cdf(_levels(images))
-        n = cdf[:, -1:]
-        lo = self._level(cdf, n, self.low)
-        hi = self._level(cdf, n, self.high)
+        cdf = level_cdf(images)
+        lo = percentile_level(cdf, self.low)
+        hi = percentile_level(cdf, self.high)
         scale = (LEVELS - 1) / tf.maximum(hi - lo, 1.0)
         return tf.clip_by_value((images - lo[:, :, None, None]) * scale[:, :, None, None],
                                 0.0, LEVELS - 1.0)
-
-    @staticmethod
-    def _level(cdf: tf.Tensor, n: tf.Tensor, percentile: float) -> tf.Tensor:
-        """[B, 1]: the smallest level whose cdf reaches percentile% of the pixels (at least one;
-        counts are whole, so the share is rounded up, past float32's error in n x share)."""
-        share = tf.maximum(tf.math.ceil(n * (percentile / 100.0) - 1e-3), 1.0)
-        below = tf.reduce_sum(tf.cast(cdf < share, tf.float32), axis=1, keepdims=True)
-        return tf.minimum(below, LEVELS - 1.0)
 
     def get_config(self):
         return {**super().get_config(), "low": self.low, "high": self.high}

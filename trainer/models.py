@@ -94,12 +94,12 @@ def _scaling_layer(model: ModelConfig):
 
 
 def _inputs_and_scaling(model: ModelConfig, image_size: int, augment: AugmentConfig):
-    """uint8 RGB pixels in, scaled floats out: lung-field or border crop, intensity
+    """uint8 RGB pixels in, scaled floats out: lung-field or border crop, chest crop, intensity
     normalisation and augmentation (each only when configured; all on [0, 255] values), then
     the scaling. Every one computes in float32 even under a mixed-precision policy (the next
     layer casts), so its result does not depend on it. With none configured the graph is
     input -> scaling."""
-    from trainer import augment as augment_lib, intensity, lung_field
+    from trainer import augment as augment_lib, chest_crop, intensity, lung_field
     from trainer.keras_api import keras
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = inputs
@@ -108,6 +108,8 @@ def _inputs_and_scaling(model: ModelConfig, image_size: int, augment: AugmentCon
         x = keras.layers.Cropping2D(crop, name="border_crop", dtype="float32")(x)
     for layer in lung_field.crop_layers(model.lung_box, image_size):
         x = layer(x)
+    if model.chest_crop:
+        x = chest_crop.ChestCrop(model.chest_margin, name="chest_crop")(x)
     normalization = intensity.normalization_layer(model.intensity, model.percentile_low,
                                                   model.percentile_high)
     if normalization is not None:

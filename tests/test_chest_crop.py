@@ -1,0 +1,162 @@
+"""Chest crop: each film's lung field found in its pixels, cut out and resized back, so a film
+framed tighter or looser reaches the network the same."""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import chest_crop, config as config_lib, models, runs
+from trainer.keras_api import keras
+
+CXR3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _film(size: int, lungs, surround: bool = True, seed: int = 0) -> np.ndarray:
+    """uint8 [size, size, 3]: a drawn chest X-ray. Two dark lungs (ellipses) fill ``lungs``
+    (top, left, bottom, right fractions) inside a bright body, on a black film when
+    ``surround``, the body filling the film otherwise (a film cropped to the chest)."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    top, left, bottom, right = (v * size for v in lungs)
+    image = np.full((size, size), 175.0)
+    if surround:  # the body: the lungs' box grown by a fifth; black around it
+        grow_y, grow_x = (bottom - top) / 5, (right - left) / 5
+        body = ((y - (top + bottom) / 2) / ((bottom - top) / 2 + grow_y)) ** 2 + \
+               ((x - (left + right) / 2) / ((right - left) / 2 + grow_x)) ** 2 <= 1
+        image[~body] = 8.0
+    half_w, half_h = (right - left) * 0.15, (bottom - top) / 2  # under 40% of the body
+    for centre in (left + half_w, right - half_w):
+        inside = ((x - centre) / half_w) ** 2 + ((y - (top + bottom) / 2) / half_h) ** 2 <= 1
+        image[inside] = 70.0
+    rng = np.random.default_rng(seed)
+    image += rng.normal(0, 4, image.shape)
+    return np.repeat(np.clip(image, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def _gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two images' grey levels."""
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+
+
+def _boxes(*films) -> np.ndarray:
+    return chest_crop.lung_boxes(tf.constant(np.stack(films), tf.float32)).numpy()
+
+
+# --- the box follows the lungs ----------------------------------------------------------------
+
+@pytest.mark.parametrize("size, lungs, surround", [
+    (50, (0.2, 0.15, 0.7, 0.85), True),      # a child's film: chest, neck and belly on black
+    (50, (0.3, 0.3, 0.7, 0.7), True),        # the chest small in the film
+    (44, (0.05, 0.1, 0.65, 0.6), True),      # off centre
+    (64, (0.02, 0.05, 0.9, 0.95), False),    # cropped to the chest: no surround
+    (224, (0.25, 0.2, 0.8, 0.75), True),
+])
+def test_the_box_holds_the_drawn_lungs(size, lungs, surround):
+    found = _boxes(_film(size, lungs, surround))[0]
+    np.testing.assert_allclose(found, lungs, atol=2.5 / size + 0.02)
+
+
+@pytest.mark.parametrize("name, film", [
+    ("flat grey", np.full((40, 40, 3), 128, np.uint8)),
+    ("all black", np.zeros((40, 40, 3), np.uint8)),
+    ("a speck", np.pad(np.zeros((2, 2, 3), np.uint8), ((19, 19), (19, 19), (0, 0)),
+                       constant_values=200)),
+])
+def test_an_image_without_a_lung_field_keeps_its_frame(name, film):
+    np.testing.assert_array_equal(_boxes(film)[0], [0, 0, 1, 1])
+    cropped = chest_crop.ChestCrop(margin=0.05)(film[None]).numpy()[0]
+    np.testing.assert_array_equal(cropped, film.astype(np.float32))
+
+
+@pytest.mark.parametrize("boxes, margin, widened", [
+    ([[0.2, 0.2, 0.6, 0.8]], 0.1, [[0.16, 0.14, 0.64, 0.86]]),
+    ([[0.0, 0.1, 0.5, 1.0]], 0.2, [[0.0, 0.0, 0.6, 1.0]]),  # kept inside the image
+    ([[0.3, 0.3, 0.7, 0.7]], 0.0, [[0.3, 0.3, 0.7, 0.7]]),
+])
+def test_widen(boxes, margin, widened):
+    np.testing.assert_allclose(chest_crop.widen(tf.constant(boxes), margin).numpy(), widened,
+                               atol=1e-6)
+
+
+# --- films framed differently reach the network alike ---------------------------------------
+
+def test_a_chest_framed_tighter_or_looser_is_cropped_alike():
+    layer = chest_crop.ChestCrop(margin=0.05)
+    framings = [(0.2, 0.15, 0.7, 0.85), (0.35, 0.3, 0.65, 0.7), (0.1, 0.25, 0.6, 0.95),
+                (0.05, 0.05, 0.95, 0.95)]
+    films = np.stack([_film(64, lungs, surround=i < 3, seed=i) for i, lungs in
+                      enumerate(framings)]).astype(np.float32)
+    cropped = layer(films).numpy()
+    for i in range(1, len(films)):
+        before, after = _gap(films[i], films[0]), _gap(cropped[i], cropped[0])
+        assert after < before / 3, (i, before, after)
+
+
+def test_the_model_crops_each_film_and_carries_the_layer(tmp_path):
+    config = config_lib.ModelConfig(chest_crop=True, chest_margin=0.1, border_crop=0.05)
+    model = models.build(config, 64, 3)
+    layer = model.get_layer("chest_crop")
+    assert layer.margin == 0.1 and layer.output.shape[1:] == (58, 58, 3)
+    films = np.stack([_film(64, (0.3, 0.3, 0.7, 0.7)), _film(64, (0.15, 0.15, 0.85, 0.85))])
+    before = keras.Model(model.input, model.get_layer("border_crop").output)(films).numpy()
+    seen = keras.Model(model.input, layer.output)(films).numpy()
+    assert _gap(seen[0], seen[1]) < _gap(before[0], before[1]) / 3  # both framed to the lungs
+    path = tmp_path / "model.keras"
+    model.save(path)
+    again = runs.load_model(str(path))
+    np.testing.assert_allclose(again(films).numpy(), model(films).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_crop_runs_in_a_dataset_fit():
+    """fit() calls the layer on batches of unknown shape; the layer needs its sizes."""
+    model = models.build(config_lib.ModelConfig(chest_crop=True), 32, 2)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    films = np.stack([_film(32, (0.2, 0.2, 0.8, 0.8), seed=i) for i in range(4)])
+    ds = tf.data.Dataset.from_tensor_slices((films, [0, 1, 0, 1])).batch(2)
+    ds = ds.map(lambda x, y: (tf.reshape(x, tf.shape(x)), y))  # forget the static shape
+    history = model.fit(ds, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+# --- on real films ----------------------------------------------------------------------------
+
+def _real_films(per_source: int) -> list[np.ndarray]:
+    rows = list(csv.DictReader(open(CXR3 / "manifest.csv")))
+    films = []
+    for source in sorted({r["source"] for r in rows}):
+        picked = [r for r in rows if r["source"] == source][:per_source]
+        films += [tf.io.decode_image(tf.io.read_file(str(CXR3 / r["relpath"])), channels=3).numpy()
+                  for r in picked]
+    return films
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    inter = (np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+             * np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None))
+    area = lambda box: (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+@pytest.mark.skipif(not (CXR3 / "manifest.csv").exists(), reason="needs ../shared/data/cxr3")
+def test_on_real_films_the_box_moves_with_a_zoom():
+    """A real film zoomed (its middle 3/4, as bench/framing_probe.py reframes it) gets the box
+    of the film as it was, mapped into the zoomed frame; and the box is not the whole film
+    (which would fail this: the whole zoomed film is 56% of the whole film)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import framing_probe
+    finally:
+        sys.path.remove(str(BENCH))
+    films = _real_films(per_source=15)
+    as_is = _boxes(*framing_probe.decoded(films, 50).numpy())
+    zoomed = _boxes(*framing_probe.decoded([framing_probe.reframe(f, "zoomed") for f in films],
+                                           50).numpy())
+    cut = (1 - framing_probe.KEEP) / 2
+    expected = (np.clip(as_is, cut, 1 - cut) - cut) / framing_probe.KEEP
+    assert np.median(_iou(zoomed, expected)) > 0.8
+    assert np.median((as_is[:, 2] - as_is[:, 0]) * (as_is[:, 3] - as_is[:, 1])) < 0.85

@@ -1,0 +1,140 @@
+"""Chest crop: each image cut to its own lung field, found in its pixels, and resized back.
+
+cxr3's classes differ in framing (how much of the film the chest fills), and a model learns
+that in place of the lungs (docs/generalisation.md). Cropping every film to its lungs frames
+them alike. Without masks the lungs are found from the pixels alone: the film's black
+surround (pixels below ``BLACK`` joined to the edge, grown by a few pixels) is set aside, the
+darkest ``DARK_PERCENTILE`` % of the rest (smoothed) is lung, thin dark rims are opened
+away, and the box holds that mask but ``TRIM`` of it on each side. An image where this finds
+too little (no dark field, a box under ``MIN_SIDE`` of a side) keeps its whole frame. The box
+is widened by a margin, cut out and resized back, inside the model, so training, evaluation,
+prediction and serving crop alike. Not a segmentation: a box that moves with the chest.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from trainer import intensity
+from trainer.keras_api import keras
+
+BLACK = 40.0  # grey level below which pixels joined to the edge are the film's surround
+DARK_PERCENTILE = 40.0  # the darkest share of the film off its surround taken for lung
+TRIM = 0.02  # share of the lung mask left outside the box on each side (stray pixels)
+MIN_AREA = 0.02  # a lung mask smaller than this share of the image is not trusted
+MIN_SIDE = 0.25  # nor is a box narrower or shorter than this share of the image
+
+
+def _dilate(mask: tf.Tensor, size: int) -> tf.Tensor:
+    return tf.nn.max_pool2d(mask, size, 1, "SAME")
+
+
+def _erode(mask: tf.Tensor, size: int) -> tf.Tensor:
+    return -tf.nn.max_pool2d(-mask, size, 1, "SAME")
+
+
+def _edge(shape) -> tf.Tensor:
+    """float [1, H, W, 1]: 1 on the image's outermost rows and columns."""
+    height, width = shape[0], shape[1]
+    inner = tf.ones([height - 2, width - 2, 1])
+    return tf.pad(1 - inner, [[1, 1], [1, 1], [0, 0]], constant_values=1.0)[None]
+
+
+def surround(gray: tf.Tensor, grow: int) -> tf.Tensor:
+    """float [B, H, W, 1] 0/1: pixels below BLACK joined to the edge through such pixels (the
+    film's black surround, filled from the edge), grown by ``grow`` px past its soft rim."""
+    black = tf.cast(gray < BLACK, tf.float32)
+    filled = black * _edge(gray.shape[1:])
+
+    def spread(_, region):
+        grown = _dilate(region, 3) * black
+        return tf.reduce_any(grown != region), grown
+
+    _, filled = tf.while_loop(lambda changed, _: changed, spread, (tf.constant(True), filled),
+                              maximum_iterations=gray.shape[1] * gray.shape[2])
+    return _dilate(filled, grow)
+
+
+def lung_mask(gray: tf.Tensor) -> tf.Tensor:
+    """float [B, H, W, 1] 0/1: the image's dark field off its surround, thin rims opened away."""
+    grow = max(3, round(gray.shape[1] / 25) | 1)  # odd: 3 px at 50, 9 at 224
+    body = 1 - surround(gray, grow)
+    cdf = intensity.level_cdf(gray, where=body)
+    dark_level = intensity.percentile_level(cdf, DARK_PERCENTILE)[:, :, None, None]
+    smooth = tf.nn.avg_pool2d(gray, 3, 1, "SAME")
+    dark = tf.cast(smooth < dark_level, tf.float32) * body
+    return _dilate(_erode(dark, grow), grow)
+
+
+def _span(profile: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """[B, N] mass per row (or column) -> the first and past-the-last index, as fractions of N,
+    that leave TRIM of the mass outside on each side."""
+    share = tf.cumsum(profile, axis=1) / tf.maximum(tf.reduce_sum(profile, 1, keepdims=True), 1e-6)
+    n = tf.cast(tf.shape(profile)[1], tf.float32)
+    first = tf.reduce_sum(tf.cast(share < TRIM, tf.float32), axis=1)
+    last = tf.reduce_sum(tf.cast(share < 1 - TRIM, tf.float32), axis=1)
+    return first / n, (last + 1) / n
+
+
+def lung_boxes(images: tf.Tensor) -> tf.Tensor:
+    """float [B, H, W, C] pixels in [0, 255] -> [B, 4] (top, left, bottom, right) fractions of
+    the image (bottom and right exclusive): each image's lung field, or the whole image where
+    too little was found."""
+    gray = tf.reduce_mean(tf.cast(images, tf.float32), axis=-1, keepdims=True)
+    mask = lung_mask(gray)
+    top, bottom = _span(tf.reduce_sum(mask, axis=[2, 3]))
+    left, right = _span(tf.reduce_sum(mask, axis=[1, 3]))
+    found = ((tf.reduce_mean(mask, axis=[1, 2, 3]) >= MIN_AREA)
+             & (bottom - top >= MIN_SIDE) & (right - left >= MIN_SIDE))
+    boxes = tf.stack([top, left, bottom, right], axis=1)
+    whole = tf.constant([[0.0, 0.0, 1.0, 1.0]])
+    return tf.where(found[:, None], boxes, whole)
+
+
+def widen(boxes: tf.Tensor, margin: float) -> tf.Tensor:
+    """[B, 4] boxes grown by ``margin`` of their height and width on each side, kept inside the
+    image."""
+    top, left, bottom, right = tf.unstack(boxes, axis=1)
+    grow_y, grow_x = margin * (bottom - top), margin * (right - left)
+    grown = tf.stack([top - grow_y, left - grow_x, bottom + grow_y, right + grow_x], axis=1)
+    return tf.clip_by_value(grown, 0.0, 1.0)
+
+
+def crop(images: tf.Tensor, boxes: tf.Tensor) -> tf.Tensor:
+    """Each image's box cut out and resized (bilinear) to the image's own size. Box sides are
+    pixel edges; CropAndResize counts pixel centres, hence the half-pixel shift."""
+    height, width = images.shape[1], images.shape[2]
+    top, left, bottom, right = tf.unstack(boxes, axis=1)
+    centres = tf.stack([(top * height - 0.5) / (height - 1), (left * width - 0.5) / (width - 1),
+                        (bottom * height - 0.5) / (height - 1),
+                        (right * width - 0.5) / (width - 1)], axis=1)
+    centres = tf.clip_by_value(centres, 0.0, 1.0)
+    index = tf.range(tf.shape(images)[0])
+    return tf.image.crop_and_resize(images, centres, index, (height, width))
+
+
+@keras.utils.register_keras_serializable(package=intensity.PACKAGE)
+class ChestCrop(keras.layers.Layer):
+    """Crops each image to its own lung field (``lung_boxes``, widened by ``margin``) and
+    resizes it back: pixel values in [0, 255] in, float32 in [0, 255] out, same size."""
+
+    def __init__(self, margin: float = 0.05, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.margin = float(margin)
+
+    def build(self, input_shape):
+        self.size = tuple(input_shape[1:3])  # the model's input is square and of known size
+        super().build(input_shape)
+
+    def call(self, inputs):
+        # Keras may call with a batch of unknown shape (fit on a dataset); the sizes are needed
+        # as numbers (pool sizes, the edge, the output).
+        images = tf.ensure_shape(tf.cast(inputs, tf.float32), [None, *self.size, None])
+        boxes = widen(tf.stop_gradient(lung_boxes(images)), self.margin)
+        return crop(images, boxes)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin}
