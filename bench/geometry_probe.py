@@ -46,6 +46,13 @@ def aspect_draws(images, aspect: float, draws: int):
                       for draw in range(draws)], axis=0)
 
 
+def framed(pixels, chest_crop: bool):
+    """Decoded films, each cut to its own lung field first with ``chest_crop`` (the trainer's
+    --chest_crop layer)."""
+    from trainer.chest_crop import ChestCrop
+    return ChestCrop()(pixels) if chest_crop else pixels
+
+
 def features(stacked: np.ndarray, feature_set: str, image_size: int) -> np.ndarray:
     """The part of stacked ``profiles`` (column means, then row means) a feature set uses."""
     return {"rows and columns": stacked, "columns alone": stacked[:, :image_size],
@@ -73,9 +80,10 @@ def films(data_dir: str, source: str, held_out: list[str]) -> list[tuple[str, st
 
 
 def probe(data_dir: str, source: str, held_out: list[str], image_size: int,
-          aspect: float = 0.0, draws: int = 4) -> list[tuple]:
+          aspect: float = 0.0, draws: int = 4, chest_crop: bool = False) -> list[tuple]:
     """(feature set, form, ``scores``) of a logistic regression on the films' profiles,
-    trained on ``draws`` random crops of each training film where ``aspect`` > 0."""
+    trained on ``draws`` random crops of each training film where ``aspect`` > 0, every film
+    cut to its lung field first with ``chest_crop``."""
     import tensorflow as tf
     from trainer import storage
     chosen = films(data_dir, source, held_out)
@@ -84,11 +92,13 @@ def probe(data_dir: str, source: str, held_out: list[str], image_size: int,
                                  expand_animations=False).numpy() for path, _, _ in chosen]
     labels = np.array([classes.index(label) for _, label, _ in chosen])
     held = np.array([h for _, _, h in chosen])
-    train_images = equalised(decoded([p for p, h in zip(pixels, held) if not h], image_size))
+    train_images = equalised(framed(decoded([p for p, h in zip(pixels, held) if not h],
+                                            image_size), chest_crop))
     train = profiles(aspect_draws(train_images, aspect, draws))
     train_labels = np.tile(labels[~held], len(train) // len(train_images))
-    tests = {form: profiles(equalised(decoded([reframe(p, form) for p, h in zip(pixels, held)
-                                               if h], image_size))) for form in FORMS}
+    tests = {form: profiles(equalised(framed(decoded([reframe(p, form) for p, h in
+                                                      zip(pixels, held) if h], image_size),
+                                             chest_crop))) for form in FORMS}
     rows = []
     for name in FEATURE_SETS:
         model = layout_model()
@@ -113,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the trainer's --aspect (default 0: the films as they are)")
     parser.add_argument("--draws", type=int, default=4,
                         help="with --aspect, random crops of each training film (default 4)")
+    parser.add_argument("--chest_crop", action="store_true",
+                        help="cut every film to its own lung field first (the trainer's "
+                             "--chest_crop): does the layout still tell the class?")
     args = parser.parse_args(argv)
     held_out = args.held_out or list(STUDY_HELD_OUT)
     if not 0 <= args.aspect < 0.5:
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| profiles | form | accuracy | macro-F1 | recall per class |")
     print("|---|---|---|---|---|")
     for name, form, got in probe(args.data, args.source, held_out, args.image_size,
-                                 args.aspect, args.draws):
+                                 args.aspect, args.draws, args.chest_crop):
         print(f"| {name} | {form} | {cells(got)} |")
     return 0
 

@@ -63,6 +63,15 @@ def test_training_on_random_crops_draws_each_film_several_times(tmp_path, probe_
     assert len(rows) == len(probe_module.FEATURE_SETS) * len(probe_module.FORMS)
 
 
+def test_the_films_can_be_cut_to_their_lung_fields_first(tmp_path, probe_module):
+    from trainer.chest_crop import ChestCrop
+    films = tf.constant(np.random.default_rng(1).integers(0, 256, (2, SIZE, SIZE, 3)), tf.uint8)
+    assert probe_module.framed(films, False) is films
+    np.testing.assert_array_equal(probe_module.framed(films, True), ChestCrop()(films))
+    rows = probe_module.probe(str(_tree(tmp_path)), "k", ["-later-"], SIZE, chest_crop=True)
+    assert len(rows) == len(probe_module.FEATURE_SETS) * len(probe_module.FORMS)
+
+
 LATER = "--held_out=-later-"
 
 

@@ -3,12 +3,14 @@
 cxr3's classes differ in framing (how much of the film the chest fills), and a model learns
 that in place of the lungs (docs/generalisation.md). Cropping every film to its lungs frames
 them alike. Without masks the lungs are found from the pixels alone: the film's black
-surround (pixels below ``BLACK`` joined to the edge, grown by a few pixels) is set aside, the
-darkest ``DARK_PERCENTILE`` % of the rest (smoothed) is lung, thin dark rims are opened
-away, and the box holds that mask but ``TRIM`` of it on each side. An image where this finds
-too little (no dark field, a box under ``MIN_SIDE`` of a side) keeps its whole frame. The box
-is widened by a margin, cut out and resized back, inside the model, so training, evaluation,
-prediction and serving crop alike. Not a segmentation: a box that moves with the chest.
+surround (pixels below ``BLACK`` joined to the edge) is set aside; the darkest
+``DARK_PERCENTILE`` % of the rest, opened, is the dark field; the parts of it that reach the
+edge or the surround near the top (the thin tissue over the shoulders) are dropped; the box
+holds the rest but ``TRIM`` of it on each side, made even about the film's middle. An image
+where this finds too little keeps its whole frame (so does a film cropped through the lung
+tops: it is already framed to the chest). The box is widened by a margin, cut out and
+resized back, inside the model, so training, evaluation, prediction and serving crop alike.
+Not a segmentation: a box that moves with the chest.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from trainer.keras_api import keras
 
 BLACK = 40.0  # grey level below which pixels joined to the edge are the film's surround
 DARK_PERCENTILE = 40.0  # the darkest share of the film off its surround taken for lung
+SHOULDERS = 0.3  # the top share of the image where dark tissue reaching the edge is not lung
 TRIM = 0.02  # share of the lung mask left outside the box on each side (stray pixels)
 MIN_AREA = 0.02  # a lung mask smaller than this share of the image is not trusted
-MIN_SIDE = 0.25  # nor is a box narrower or shorter than this share of the image
+MIN_SIDE = 0.25  # nor is a box shorter or narrower than this share of the image
 
 
 def _dilate(mask: tf.Tensor, size: int) -> tf.Tensor:
@@ -39,30 +42,49 @@ def _edge(shape) -> tf.Tensor:
     return tf.pad(1 - inner, [[1, 1], [1, 1], [0, 0]], constant_values=1.0)[None]
 
 
-def surround(gray: tf.Tensor, grow: int) -> tf.Tensor:
-    """float [B, H, W, 1] 0/1: pixels below BLACK joined to the edge through such pixels (the
-    film's black surround, filled from the edge), grown by ``grow`` px past its soft rim."""
-    black = tf.cast(gray < BLACK, tf.float32)
-    filled = black * _edge(gray.shape[1:])
-
+def _fill(seeds: tf.Tensor, within: tf.Tensor) -> tf.Tensor:
+    """float [B, H, W, 1] 0/1: the pixels of ``within`` joined to ``seeds`` through ``within``
+    (a flood fill by 3x3 max-pools, to convergence)."""
     def spread(_, region):
-        grown = _dilate(region, 3) * black
+        grown = _dilate(region, 3) * within
         return tf.reduce_any(grown != region), grown
 
-    _, filled = tf.while_loop(lambda changed, _: changed, spread, (tf.constant(True), filled),
-                              maximum_iterations=gray.shape[1] * gray.shape[2])
-    return _dilate(filled, grow)
+    _, filled = tf.while_loop(lambda changed, _: changed, spread,
+                              (tf.constant(True), seeds * within),
+                              maximum_iterations=within.shape[1] * within.shape[2])
+    return filled
+
+
+def surround(gray: tf.Tensor, grow: int) -> tf.Tensor:
+    """float [B, H, W, 1] 0/1: pixels below BLACK joined to the edge through such pixels (the
+    film's black surround), grown by ``grow`` px past its soft rim."""
+    black = tf.cast(gray < BLACK, tf.float32)
+    return _dilate(_fill(_edge(gray.shape[1:]), black), grow)
+
+
+def dark_field(gray: tf.Tensor, outside: tf.Tensor, grow: int) -> tf.Tensor:
+    """float [B, H, W, 1] 0/1: the darkest DARK_PERCENTILE % of the film off its surround
+    (``outside``), after a 3x3 mean, opened by ``grow`` px (thin rims and specks go)."""
+    body = 1 - outside
+    cdf = intensity.level_cdf(gray, where=body)
+    dark_level = intensity.percentile_level(cdf, DARK_PERCENTILE)[:, :, None, None]
+    dark = tf.cast(tf.nn.avg_pool2d(gray, 3, 1, "SAME") < dark_level, tf.float32) * body
+    return _dilate(_erode(dark, grow), grow)
 
 
 def lung_mask(gray: tf.Tensor) -> tf.Tensor:
-    """float [B, H, W, 1] 0/1: the image's dark field off its surround, thin rims opened away."""
-    grow = max(3, round(gray.shape[1] / 25) | 1)  # odd: 3 px at 50, 9 at 224
-    body = 1 - surround(gray, grow)
-    cdf = intensity.level_cdf(gray, where=body)
-    dark_level = intensity.percentile_level(cdf, DARK_PERCENTILE)[:, :, None, None]
-    smooth = tf.nn.avg_pool2d(gray, 3, 1, "SAME")
-    dark = tf.cast(smooth < dark_level, tf.float32) * body
-    return _dilate(_erode(dark, grow), grow)
+    """float [B, H, W, 1] 0/1: the film's dark field less the parts whose core reaches the
+    edge or the surround in the top SHOULDERS of the image: the thin tissue over the
+    shoulders and neck is as dark as lung, but lungs lie inside the chest. Cores (the field
+    eroded by a tenth of the image) part where the two touch through a thin band."""
+    size = gray.shape[1]
+    grow, cut = max(3, round(size / 25) | 1), max(3, round(size / 10) | 1)  # 3, 5 px at 50
+    outside = surround(gray, grow)
+    dark = dark_field(gray, outside, grow)
+    upper = tf.cast(tf.range(size) < int(size * SHOULDERS), tf.float32)[None, :, None, None]
+    reach = _dilate(tf.maximum(_edge(gray.shape[1:]), outside), cut) * upper
+    core = _erode(dark, cut)
+    return _dilate(core - _fill(reach, core), cut) * dark
 
 
 def _span(profile: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -77,12 +99,14 @@ def _span(profile: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 def lung_boxes(images: tf.Tensor) -> tf.Tensor:
     """float [B, H, W, C] pixels in [0, 255] -> [B, 4] (top, left, bottom, right) fractions of
-    the image (bottom and right exclusive): each image's lung field, or the whole image where
-    too little was found."""
+    the image (bottom and right exclusive): the rows of each image's lung mask, and its columns
+    made even about the image's middle; the whole image where too little was found."""
     gray = tf.reduce_mean(tf.cast(images, tf.float32), axis=-1, keepdims=True)
     mask = lung_mask(gray)
     top, bottom = _span(tf.reduce_sum(mask, axis=[2, 3]))
     left, right = _span(tf.reduce_sum(mask, axis=[1, 3]))
+    # Even about the film's middle: a lung lost to an opacity comes back as its twin's mirror.
+    left, right = tf.minimum(left, 1 - right), tf.maximum(right, 1 - left)
     found = ((tf.reduce_mean(mask, axis=[1, 2, 3]) >= MIN_AREA)
              & (bottom - top >= MIN_SIDE) & (right - left >= MIN_SIDE))
     boxes = tf.stack([top, left, bottom, right], axis=1)
