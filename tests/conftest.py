@@ -141,3 +141,25 @@ def layout_film(rng, high: bool, size: int = 48):
     top = rng.integers(size // 12, size // 5) if high else rng.integers(size // 2, size * 5 // 8)
     image[top:top + size * 7 // 24, size // 8:size - size // 8] -= 100
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def drawn_chest(size: int, lungs, surround: bool = True, seed: int = 0):
+    """uint8 [size, size, 3]: a drawn chest X-ray for the chest crop's tests. Two dark lungs
+    fill ``lungs`` (top, left, bottom, right fractions) inside a bright body, on a black film
+    when ``surround``, the body filling the film otherwise (a film cropped to the chest)."""
+    import numpy as np
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    top, left, bottom, right = (v * size for v in lungs)
+    image = np.full((size, size), 175.0)
+    if surround:  # the body: the lungs' box grown by a fifth; black around it
+        grow_y, grow_x = (bottom - top) / 5, (right - left) / 5
+        body = ((y - (top + bottom) / 2) / ((bottom - top) / 2 + grow_y)) ** 2 + \
+               ((x - (left + right) / 2) / ((right - left) / 2 + grow_x)) ** 2 <= 1
+        image[~body] = 8.0
+    half_w, half_h = (right - left) * 0.13, (bottom - top) / 2  # under 40% of the body
+    for centre in (left + half_w, right - half_w):  # rounded, as lungs are: superellipses
+        inside = ((x - centre) / half_w) ** 4 + ((y - (top + bottom) / 2) / half_h) ** 4 <= 1
+        image[inside] = 70.0
+    rng = np.random.default_rng(seed)
+    image += rng.normal(0, 4, image.shape)
+    return np.repeat(np.clip(image, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)

@@ -10,32 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import drawn_chest
 from trainer import chest_crop, config as config_lib, models, runs
 from trainer.keras_api import keras
 
-CXR3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3"
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _film(size: int, lungs, surround: bool = True, seed: int = 0) -> np.ndarray:
-    """uint8 [size, size, 3]: a drawn chest X-ray. Two dark lungs (ellipses) fill ``lungs``
-    (top, left, bottom, right fractions) inside a bright body, on a black film when
-    ``surround``, the body filling the film otherwise (a film cropped to the chest)."""
-    y, x = np.mgrid[0:size, 0:size] + 0.5
-    top, left, bottom, right = (v * size for v in lungs)
-    image = np.full((size, size), 175.0)
-    if surround:  # the body: the lungs' box grown by a fifth; black around it
-        grow_y, grow_x = (bottom - top) / 5, (right - left) / 5
-        body = ((y - (top + bottom) / 2) / ((bottom - top) / 2 + grow_y)) ** 2 + \
-               ((x - (left + right) / 2) / ((right - left) / 2 + grow_x)) ** 2 <= 1
-        image[~body] = 8.0
-    half_w, half_h = (right - left) * 0.13, (bottom - top) / 2  # under 40% of the body
-    for centre in (left + half_w, right - half_w):  # rounded, as lungs are: superellipses
-        inside = ((x - centre) / half_w) ** 4 + ((y - (top + bottom) / 2) / half_h) ** 4 <= 1
-        image[inside] = 70.0
-    rng = np.random.default_rng(seed)
-    image += rng.normal(0, 4, image.shape)
-    return np.repeat(np.clip(image, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def _gap(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,7 +44,7 @@ def _even(lungs):
 def test_the_box_holds_the_drawn_lungs(size, lungs, surround):
     """Inside the lungs' box (made even), to a pixel and a half, and most of its height and
     width (the narrow tips of the drawn lungs may fall to the opening)."""
-    top, left, bottom, right = _boxes(_film(size, lungs, surround))[0]
+    top, left, bottom, right = _boxes(drawn_chest(size, lungs, surround))[0]
     want_top, want_left, want_bottom, want_right = _even(lungs)
     slack = 1.5 / size
     assert want_top - slack <= top and bottom <= want_bottom + slack
@@ -77,7 +56,7 @@ def test_the_box_holds_the_drawn_lungs(size, lungs, surround):
 def test_dark_tissue_over_the_shoulders_is_not_lung():
     """Dark bands from the film's edge into the top corners of the body (the thin tissue over
     a child's shoulders) do not stretch the box up to them."""
-    film = _film(64, (0.35, 0.2, 0.8, 0.8))
+    film = drawn_chest(64, (0.35, 0.2, 0.8, 0.8))
     film[8:20, :18] = film[8:20, 46:] = 60
     top = _boxes(film)[0][0]
     assert top >= 0.35 - 1.5 / 64
@@ -111,7 +90,7 @@ def test_a_chest_framed_tighter_or_looser_is_cropped_alike():
     layer = chest_crop.ChestCrop(margin=0.05)
     framings = [(0.2, 0.15, 0.7, 0.85), (0.35, 0.3, 0.65, 0.7), (0.1, 0.2, 0.6, 0.8),
                 (0.05, 0.05, 0.95, 0.95)]
-    films = np.stack([_film(64, lungs, surround=i < 3, seed=i) for i, lungs in
+    films = np.stack([drawn_chest(64, lungs, surround=i < 3, seed=i) for i, lungs in
                       enumerate(framings)]).astype(np.float32)
     cropped = layer(films).numpy()
     for i in range(1, len(films)):
@@ -124,7 +103,7 @@ def test_the_model_crops_each_film_and_carries_the_layer(tmp_path):
     model = models.build(config, 64, 3)
     layer = model.get_layer("chest_crop")
     assert layer.margin == 0.1 and layer.output.shape[1:] == (58, 58, 3)
-    films = np.stack([_film(64, (0.3, 0.3, 0.7, 0.7)), _film(64, (0.15, 0.15, 0.85, 0.85))])
+    films = np.stack([drawn_chest(64, (0.3, 0.3, 0.7, 0.7)), drawn_chest(64, (0.15, 0.15, 0.85, 0.85))])
     before = keras.Model(model.input, model.get_layer("border_crop").output)(films).numpy()
     seen = keras.Model(model.input, layer.output)(films).numpy()
     assert _gap(seen[0], seen[1]) < _gap(before[0], before[1]) / 3  # both framed to the lungs
@@ -138,7 +117,7 @@ def test_the_crop_runs_in_a_dataset_fit():
     """fit() calls the layer on batches of unknown shape; the layer needs its sizes."""
     model = models.build(config_lib.ModelConfig(chest_crop=True), 32, 2)
     model.compile("adam", "sparse_categorical_crossentropy")
-    films = np.stack([_film(32, (0.2, 0.2, 0.8, 0.8), seed=i) for i in range(4)])
+    films = np.stack([drawn_chest(32, (0.2, 0.2, 0.8, 0.8), seed=i) for i in range(4)])
     ds = tf.data.Dataset.from_tensor_slices((films, [0, 1, 0, 1])).batch(2)
     ds = ds.map(lambda x, y: (tf.reshape(x, tf.shape(x)), y))  # forget the static shape
     history = model.fit(ds, epochs=1, verbose=0)
@@ -147,13 +126,13 @@ def test_the_crop_runs_in_a_dataset_fit():
 
 # --- on real films ----------------------------------------------------------------------------
 
-def _real_films(per_source: int) -> tuple[list[np.ndarray], list[str]]:
+def _real_films(cxr3: Path, per_source: int) -> tuple[list[np.ndarray], list[str]]:
     """The first ``per_source`` films of each cxr3 source, and their sources."""
-    rows = list(csv.DictReader(open(CXR3 / "manifest.csv")))
+    rows = list(csv.DictReader(open(cxr3 / "manifest.csv")))
     films, sources = [], []
     for source in sorted({r["source"] for r in rows}):
         picked = [r for r in rows if r["source"] == source][:per_source]
-        films += [tf.io.decode_image(tf.io.read_file(str(CXR3 / r["relpath"])), channels=3).numpy()
+        films += [tf.io.decode_image(tf.io.read_file(str(cxr3 / r["relpath"])), channels=3).numpy()
                   for r in picked]
         sources += [source] * len(picked)
     return films, sources
@@ -166,8 +145,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a) + area(b) - inter)
 
 
-@pytest.mark.skipif(not (CXR3 / "manifest.csv").exists(), reason="needs ../shared/data/cxr3")
-def test_on_real_films_the_box_moves_with_a_zoom():
+def test_on_real_films_the_box_moves_with_a_zoom(cxr3):
     """A real film zoomed (its middle 3/4, as bench/framing_probe.py reframes it) gets the box
     of the film as it was, mapped into the zoomed frame; and the box is not the whole film
     (which would fail this: the whole zoomed film is 56% of the whole film). On Kermany's
@@ -177,7 +155,7 @@ def test_on_real_films_the_box_moves_with_a_zoom():
         import framing_probe
     finally:
         sys.path.remove(str(BENCH))
-    films, sources = _real_films(per_source=15)
+    films, sources = _real_films(cxr3, per_source=15)
     as_is = _boxes(*framing_probe.decoded(films, 50).numpy())
     zoomed = _boxes(*framing_probe.decoded([framing_probe.reframe(f, "zoomed") for f in films],
                                            50).numpy())
