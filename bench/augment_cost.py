@@ -10,8 +10,9 @@ augment off and on, alternating, and reports the median (and best) images/s of e
 ratios (expected ~1.0: the same pipeline). Part 2 (step) times the vanilla model's train step
 (50 px, batch 250, uint8 batches already in memory) without augmentation, with the default
 augmentation (zoom, shift, rotation, brightness, contrast, gamma), with configs/robust.yaml's
-(the default plus the aspect change, ``aspect``) and with every layer on (plus blur and
-noise): median seconds per step over --reps repetitions of --steps steps (and the best),
+(the default plus the aspect change, ``aspect``), with every layer on (plus blur and noise)
+and with the robust augmentation after the chest crop (``--chest_crop``; on the first 250
+training films of --data, noise without it): median seconds per step over --reps repetitions of --steps steps (and the best),
 after a warm-up, ratios against the plain model. All in one process, interleaved, so the
 ratios come from the same machine state; on a shared machine the best-of figures are the
 steadier estimate.
@@ -98,24 +99,43 @@ def step_time(model, x, y, steps: int, reps: int) -> list[float]:
     return times
 
 
-def bench_train_step(steps: int, reps: int) -> dict:
+STEP_VARIANTS = ("default", "robust", "all", "robust+chest")
+
+
+def film_batch(data_dir: str):
+    """uint8 [BATCH, SIZE, SIZE, 3]: the first BATCH training films of ``data_dir`` as the
+    trainer decodes them, or noise without one (the chest crop's search depends on content;
+    the other layers' cost does not)."""
+    import numpy as np
+    from trainer import config as config_lib, data
+    if not data_dir:
+        return np.random.default_rng(0).integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
+    config = config_lib.load("vanilla", overrides={"data_dir": data_dir, "check": False})
+    ds = data.make_dataset(data.make_splits(config.data).train, config.data, BATCH,
+                           training=False)
+    return next(iter(ds))[0].numpy()
+
+
+def bench_train_step(steps: int, reps: int, data_dir: str = "") -> dict:
     import numpy as np
     from trainer import config as config_lib, models, train
     from trainer.keras_api import keras
     config = config_lib.load("vanilla")
-    variants = {
-        "none": config_lib.AugmentConfig(),
-        "default": config_lib.AugmentConfig(augment=True),
-        "robust": config_lib.load("robust").augment,
-        "all": dataclasses.replace(config_lib.load("robust").augment, noise=0.02, blur=1.0),
+    robust = config_lib.load("robust").augment
+    chest = dataclasses.replace(config.model, chest_crop=True)
+    variants = {  # name -> (model config, augmentation)
+        "none": (config.model, config_lib.AugmentConfig()),
+        "default": (config.model, config_lib.AugmentConfig(augment=True)),
+        "robust": (config.model, robust),
+        "all": (config.model, dataclasses.replace(robust, noise=0.02, blur=1.0)),
+        "robust+chest": (chest, robust),
     }
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
+    x = film_batch(data_dir)
     y = keras.utils.to_categorical(np.arange(BATCH) % 3, 3)
     built = {}
-    for name, augment in variants.items():
+    for name, (model_config, augment) in variants.items():
         keras.utils.set_random_seed(28)
-        model = models.build(config.model, SIZE, 3, augment)
+        model = models.build(model_config, SIZE, 3, augment)
         train.compile_model(model, config)
         built[name] = model
     times = {name: [] for name in variants}
@@ -127,7 +147,7 @@ def bench_train_step(steps: int, reps: int) -> dict:
             times[name] += step_time(built[name], x, y, steps, 1)
     results = {name: {"s_per_step": statistics.median(t), "best": min(t), "runs": t}
                for name, t in times.items()}
-    for name in ("default", "robust", "all"):
+    for name in STEP_VARIANTS:
         results[f"ratio_{name}_over_none"] = (results[name]["s_per_step"]
                                               / results["none"]["s_per_step"])
         results[f"ratio_best_{name}_over_none"] = results[name]["best"] / results["none"]["best"]
@@ -154,7 +174,8 @@ def main() -> None:
                 print("no --data: using 600 generated 224 px JPEGs")
             results["pipeline_50px"] = bench_pipeline(data_dir, args.reps)
     if "step" in parts:
-        results["train_step_vanilla_50px_batch250"] = bench_train_step(args.steps, args.reps)
+        results["train_step_vanilla_50px_batch250"] = bench_train_step(args.steps, args.reps,
+                                                                       args.data)
     results["load_average_after"] = os.getloadavg()
     report(results, args)
     if args.json:
@@ -180,10 +201,10 @@ def report_pipeline(p: dict, args) -> None:
 def report_step(t: dict, args) -> None:
     print(f"vanilla train step at {SIZE} px, batch {BATCH} (median of {args.reps} x "
           f"{args.steps} steps):")
-    for name in ("none", "default", "robust", "all"):
+    for name in ("none", *STEP_VARIANTS):
         ratio = t.get(f"ratio_{name}_over_none", 1.0)
         best = t.get(f"ratio_best_{name}_over_none", 1.0)
-        print(f"  augmentation {name:<8} {t[name]['s_per_step'] * 1000:7.1f} ms/step (best "
+        print(f"  augmentation {name:<12} {t[name]['s_per_step'] * 1000:7.1f} ms/step (best "
               f"{t[name]['best'] * 1000:.1f})   ratio {ratio:.3f} (best {best:.3f})")
 
 
