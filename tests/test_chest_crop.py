@@ -84,6 +84,16 @@ def test_widen(boxes, margin, widened):
                                atol=1e-6)
 
 
+def test_uncrop_puts_a_map_back_on_its_box():
+    """Grad-CAM's maps are of the crop: uncrop lays each on its own box, zero outside it."""
+    boxes = tf.constant([[0.25, 0.25, 0.75, 0.75], [0.0, 0.0, 1.0, 1.0]])
+    back = chest_crop.uncrop(tf.ones([2, 8, 8]), boxes, (16, 16)).numpy()
+    np.testing.assert_allclose(back[0, 4:12, 4:12], 1.0, atol=1e-6)
+    assert not back[0, :4].any() and not back[0, 12:].any()
+    assert not back[0, :, :4].any() and not back[0, :, 12:].any()
+    np.testing.assert_allclose(back[1], 1.0, atol=1e-6)
+
+
 # --- films framed differently reach the network alike ---------------------------------------
 
 def test_a_chest_framed_tighter_or_looser_is_cropped_alike():

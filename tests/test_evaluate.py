@@ -305,6 +305,47 @@ def test_gradcam_heatmap_peaks_on_the_lesion_the_model_learned(crop, window):
         assert not heat[:, :left].any() and not heat[:, 32 - right:].any()
 
 
+FRAMINGS = [(0.2, 0.15, 0.75, 0.85), (0.35, 0.3, 0.7, 0.7), (0.1, 0.1, 0.9, 0.9)]
+
+
+def _framed_lesion_images(n: int, seed: int):
+    """Drawn chests at three framings; class 1 has a bright square in the right-hand lung.
+    Returns the images, labels and each square's centre (row, column) in the image."""
+    from conftest import drawn_chest
+    rng = np.random.default_rng(seed)
+    images, labels, centres = [], [], []
+    for i in range(n):
+        lungs = FRAMINGS[i % len(FRAMINGS)]
+        film = drawn_chest(64, lungs, seed=int(rng.integers(1 << 30)))
+        top, left, bottom, right = (v * 64 for v in lungs)
+        centre = (int((top + bottom) / 2), int(right - (right - left) * 0.13))
+        if i % 2:
+            film[centre[0] - 3:centre[0] + 3, centre[1] - 3:centre[1] + 3] = 255
+        images.append(film)
+        labels.append(i % 2)
+        centres.append(centre)
+    return np.stack(images), np.array(labels), centres
+
+
+def test_gradcam_under_a_chest_crop_lands_on_each_films_own_lesion():
+    """The chest crop cuts a different box from each film: the heatmap goes back onto it."""
+    from trainer import gradcam, models
+    from trainer.config import ModelConfig
+    from trainer.keras_api import keras
+    keras.utils.set_random_seed(3)
+    model = models.build(ModelConfig(chest_crop=True, chest_margin=0.1), 64, 2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    x, y, _ = _framed_lesion_images(240, 0)
+    model.fit(x, keras.utils.to_categorical(y, 2), epochs=12, batch_size=32, verbose=0)
+    test_x, test_y, centres = _framed_lesion_images(12, 1)
+    assert (model.predict(test_x, verbose=0).argmax(axis=1) == test_y).all()
+    ill = test_y == 1
+    maps, _ = gradcam.heatmaps(model, test_x[ill], class_indices=[1] * int(ill.sum()))
+    for heat, (row, col) in zip(maps, [c for c, sick in zip(centres, ill) if sick]):
+        peak = np.unravel_index(heat.argmax(), heat.shape)
+        assert abs(peak[0] - row) <= 4 and abs(peak[1] - col) <= 4, (peak, (row, col))
+
+
 @pytest.mark.parametrize("architecture, size, layer", [("vanilla", 24, "conv"),
                                                         ("inception", 75, "inception_v3"),
                                                         ("densenet121", 32, "densenet121"),

@@ -136,6 +136,18 @@ def crop(images: tf.Tensor, boxes: tf.Tensor) -> tf.Tensor:
     return tf.image.crop_and_resize(images, centres, index, (height, width))
 
 
+def uncrop(maps: tf.Tensor, boxes: tf.Tensor, size) -> tf.Tensor:
+    """[N, h, w] maps of each image's cropped box -> [N, H, W] (``size``) maps of the whole
+    image: each resized onto its box (bilinear), zero outside it. The inverse of ``crop``,
+    for heatmaps computed on what the network saw."""
+    top, left, bottom, right = tf.unstack(boxes, axis=1)
+    height, width = tf.maximum(bottom - top, 1e-6), tf.maximum(right - left, 1e-6)
+    inverse = tf.stack([-top / height, -left / width, (1 - top) / height, (1 - left) / width],
+                       axis=1)
+    index = tf.range(tf.shape(maps)[0])
+    return tf.image.crop_and_resize(maps[..., None], inverse, index, size)[..., 0]
+
+
 @keras.utils.register_keras_serializable(package=intensity.PACKAGE)
 class ChestCrop(keras.layers.Layer):
     """Crops each image to its own lung field (``lung_boxes``, widened by ``margin``) and
@@ -154,8 +166,11 @@ class ChestCrop(keras.layers.Layer):
         # Keras may call with a batch of unknown shape (fit on a dataset); the sizes are needed
         # as numbers (pool sizes, the edge, the output).
         images = tf.ensure_shape(tf.cast(inputs, tf.float32), [None, *self.size, None])
-        boxes = widen(tf.stop_gradient(lung_boxes(images)), self.margin)
-        return crop(images, boxes)
+        return crop(images, self.boxes(images))
+
+    def boxes(self, images) -> tf.Tensor:
+        """[B, 4] the boxes this layer cuts from ``images`` (its input), margin included."""
+        return widen(tf.stop_gradient(lung_boxes(tf.cast(images, tf.float32))), self.margin)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -55,18 +55,35 @@ def input_window(model) -> tuple[tuple[int, int], tuple[int, int]]:
     return crops[0] if crops else ((0, 0), (0, 0))
 
 
-def _onto_input(cam: tf.Tensor, size: tf.Tensor, window) -> tf.Tensor:
-    """[N, h, w] maps resized onto the window of [N, H, W] inputs, zero outside it."""
+def _chest_boxes(model, images) -> tf.Tensor | None:
+    """Each image's box cut by the model's chest crop (fractions of the crop's input), or
+    None for a model without one."""
+    from trainer.chest_crop import ChestCrop
+    layers = [layer for layer in model.layers if isinstance(layer, ChestCrop)]
+    if not layers:
+        return None
+    before = keras.Model(model.inputs, layers[0].input)
+    return layers[0].boxes(before(images, training=False))
+
+
+def _onto_input(cam: tf.Tensor, size: tf.Tensor, window, boxes=None) -> tf.Tensor:
+    """[N, h, w] maps resized onto the window of [N, H, W] inputs (onto each image's chest
+    box within it, given ``boxes``), zero outside it."""
+    from trainer import chest_crop
     (top, bottom), (left, right) = window
-    inside = tf.image.resize(cam[..., None], size - [top + bottom, left + right],
-                             method="bilinear")[..., 0]
+    inner = size - [top + bottom, left + right]
+    if boxes is None:
+        inside = tf.image.resize(cam[..., None], inner, method="bilinear")[..., 0]
+    else:
+        inside = chest_crop.uncrop(cam, boxes, inner)
     return tf.pad(inside, [[0, 0], [top, bottom], [left, right]])
 
 
 def heatmaps(model, images: np.ndarray, class_indices=None, layer=None,
              method: str = "hirescam") -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps in [0, 1] of shape [N, H, W] (the input's size; zero where the model
-    crops the input away), and the probabilities.
+    crops the input away, and placed on each image's own box under a chest crop), and the
+    probabilities.
 
     ``class_indices`` chooses the explained class per image (default: the predicted one).
     """
@@ -89,7 +106,7 @@ def heatmaps(model, images: np.ndarray, class_indices=None, layer=None,
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     weights = grads if method == "hirescam" else tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
-    cam = _onto_input(cam, tf.shape(x)[1:3], input_window(model))
+    cam = _onto_input(cam, tf.shape(x)[1:3], input_window(model), _chest_boxes(model, x))
     peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
     cam = tf.math.divide_no_nan(cam, peak)
     return cam.numpy(), probs.numpy()
