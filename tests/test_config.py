@@ -152,7 +152,7 @@ VALID_NEW_VALUES = [
     {"model": "robust"}, {"model": "robust-densenet", "weights": "none"},
     {"lung_crop": True}, {"lung_crop": True, "lung_margin": 0.0},
     {"lung_crop": True, "lung_margin": 0.49}, {"model": "robust", "lung_crop": True,
-                                               "border_crop": 0.0, "chest_crop": False},
+                                               "border_crop": 0.0},
     {"lr_patience": 0, "patience": 0}, {"lr_patience": 2}, {"lr_patience": 4, "patience": 5},
     {"lr_patience": 2, "lr_factor": 0.01}, {"lr_patience": 2, "lr_factor": 0.99},
     {"consistency": 0.0}, {"consistency": 0, "augment": False},
@@ -251,8 +251,6 @@ INVALID_NEW_VALUES = [
                                                    "[0, 0.5)"),
     ({"chest_crop": True, "lung_crop": True}, "model.chest_crop (--chest_crop) cannot be combined "
                                               "with --lung_crop"),
-    ({"model": "robust", "lung_crop": True, "border_crop": 0.0}, "cannot be combined with "
-                                                                 "--lung_crop"),
     ({"chest_crop": True, "jit_compile": True}, "model.chest_crop (--chest_crop) cannot run under "
                                                 "--jit_compile"),
 ]
