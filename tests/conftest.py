@@ -117,6 +117,16 @@ def tree_with_sources(root: Path, covid: tuple = ("a", "b"), others: tuple = ("k
     return root
 
 
+def write_manifest(root: Path, rows) -> Path:
+    """ROOT/manifest.csv with a (relpath, label, source) row per image; returns ROOT."""
+    import csv
+    with open(root / "manifest.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["relpath", "label", "source"])
+        writer.writerows(rows)
+    return root
+
+
 def run_python(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs ``script`` in a fresh Python with the repo importable and no TF_CONFIG (for a
     device layout that must be set before TensorFlow starts); fails the test if it fails."""

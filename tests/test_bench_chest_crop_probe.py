@@ -2,7 +2,6 @@
 chest reads 1.00; a film without lungs reads as kept whole; bad input is refused in one line."""
 from __future__ import annotations
 
-import csv
 import importlib
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, drawn_chest
+from conftest import REPO, drawn_chest, write_manifest
 
 SIZE = 64
 
@@ -36,11 +35,7 @@ def _tree(root: Path) -> Path:
         film = np.full((SIZE, SIZE, 3), 120, np.uint8)
         (root / "B" / f"flat{i}.png").write_bytes(tf.io.encode_png(film).numpy())
         rows.append((f"B/flat{i}.png", "B", "flat"))
-    with open(root / "manifest.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["relpath", "label", "source"])
-        writer.writerows(rows)
-    return root
+    return write_manifest(root, rows)
 
 
 def test_groups_by_source_class_and_apart(tmp_path, probe):

@@ -2,7 +2,6 @@
 with one line naming the flag or file."""
 from __future__ import annotations
 
-import csv
 import importlib
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import layout_film
+from conftest import layout_film, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 48
@@ -37,11 +36,7 @@ def _tree(root: Path, later_per_class: int = 6) -> Path:
     other = layout_film(rng, False, SIZE)[..., np.newaxis]
     (root / "A" / "other.png").write_bytes(tf.io.encode_png(other).numpy())
     rows.append(("A/other.png", "A", "elsewhere"))
-    with open(root / "manifest.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["relpath", "label", "source"])
-        writer.writerows(rows)
-    return root
+    return write_manifest(root, rows)
 
 
 def test_a_class_in_the_layout_is_found_and_reframing_moves_it(tmp_path, probe_module):
