@@ -11,9 +11,9 @@ ratios (expected ~1.0: the same pipeline). Part 2 (step) times the vanilla model
 (50 px, batch 250, uint8 batches already in memory) without augmentation, with the default
 augmentation (zoom, shift, rotation, brightness, contrast, gamma), with configs/robust.yaml's
 (the default plus the aspect change, ``aspect``), with every layer on (plus blur and noise)
-and with the robust augmentation after the chest crop (``--chest_crop``; on the first 250
-training films of --data, noise without it): median seconds per step over --reps repetitions of --steps steps (and the best),
-after a warm-up, ratios against the plain model. All in one process, interleaved, so the
+and with the robust augmentation after the chest crop (``--chest_crop``), all on the first 250
+training films of --data (noise without it): median seconds per step over --reps repetitions
+of --steps steps (and the best), after a warm-up, ratios against the plain model. All in one process, interleaved, so the
 ratios come from the same machine state; on a shared machine the best-of figures are the
 steadier estimate.
 """
