@@ -10,12 +10,13 @@ augment off and on, alternating, and reports the median (and best) images/s of e
 ratios (expected ~1.0: the same pipeline). Part 2 (step) times the vanilla model's train step
 (50 px, batch 250, uint8 batches already in memory) without augmentation, with the default
 augmentation (zoom, shift, rotation, brightness, contrast, gamma), with configs/robust.yaml's
-(the default plus the aspect change, ``aspect``), with every layer on (plus blur and noise)
-and with the robust augmentation after the chest crop (``--chest_crop``), all on the first 250
-training films of --data (noise without it): median seconds per step over --reps repetitions
-of --steps steps (and the best), after a warm-up, ratios against the plain model. All in one process, interleaved, so the
-ratios come from the same machine state; on a shared machine the best-of figures are the
-steadier estimate.
+(the default plus the aspect change, ``aspect``), with every layer on (plus blur and noise),
+with the robust augmentation after the chest crop (``--chest_crop``), and with it in both
+towers of ``--two_views`` (the whole film and the chest crop), all on the first 250 training
+films of --data (noise without it): median seconds per step over --reps repetitions of
+--steps steps (and the best), after a warm-up, ratios against the plain model. All in one
+process, interleaved, so the ratios come from the same machine state; on a shared machine the
+best-of figures are the steadier estimate.
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def step_time(model, x, y, steps: int, reps: int) -> list[float]:
     return times
 
 
-STEP_VARIANTS = ("default", "robust", "all", "robust+chest")
+STEP_VARIANTS = ("default", "robust", "all", "robust+chest", "robust+two_views")
 
 
 def film_batch(data_dir: str):
@@ -118,7 +119,7 @@ def film_batch(data_dir: str):
 
 def bench_train_step(steps: int, reps: int, data_dir: str = "") -> dict:
     import numpy as np
-    from trainer import config as config_lib, models, train
+    from trainer import config as config_lib, models, train, two_views
     from trainer.keras_api import keras
     config = config_lib.load("vanilla")
     robust = config_lib.load("robust").augment
@@ -129,6 +130,7 @@ def bench_train_step(steps: int, reps: int, data_dir: str = "") -> dict:
         "robust": (config.model, robust),
         "all": (config.model, dataclasses.replace(robust, noise=0.02, blur=1.0)),
         "robust+chest": (chest, robust),
+        "robust+two_views": (dataclasses.replace(config.model, two_views=True), robust),
     }
     x = film_batch(data_dir)
     y = keras.utils.to_categorical(np.arange(BATCH) % 3, 3)
@@ -137,6 +139,7 @@ def bench_train_step(steps: int, reps: int, data_dir: str = "") -> dict:
         keras.utils.set_random_seed(28)
         model = models.build(model_config, SIZE, 3, augment)
         train.compile_model(model, config)
+        two_views.use(model)
         built[name] = model
     times = {name: [] for name in variants}
     for name, model in built.items():  # warm-up of every model first
@@ -204,7 +207,7 @@ def report_step(t: dict, args) -> None:
     for name in ("none", *STEP_VARIANTS):
         ratio = t.get(f"ratio_{name}_over_none", 1.0)
         best = t.get(f"ratio_best_{name}_over_none", 1.0)
-        print(f"  augmentation {name:<12} {t[name]['s_per_step'] * 1000:7.1f} ms/step (best "
+        print(f"  augmentation {name:<16} {t[name]['s_per_step'] * 1000:7.1f} ms/step (best "
               f"{t[name]['best'] * 1000:.1f})   ratio {ratio:.3f} (best {best:.3f})")
 
 

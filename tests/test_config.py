@@ -164,6 +164,9 @@ VALID_NEW_VALUES = [
     {"chest_crop": True}, {"model": "robust", "chest_crop": True},
     {"chest_crop": True, "chest_margin": 0.0}, {"chest_crop": True, "chest_margin": 0.49},
     {"chest_crop": False, "jit_compile": True}, {"chest_crop": False, "lung_crop": True},
+    {"two_views": True}, {"model": "robust", "two_views": True},
+    {"two_views": True, "chest_margin": 0.2}, {"two_views": True, "consistency": 0.0},
+    {"two_views": False, "consistency": 12.0, "augment": True},
 ]
 
 
@@ -253,6 +256,16 @@ INVALID_NEW_VALUES = [
                                               "with --lung_crop"),
     ({"chest_crop": True, "jit_compile": True}, "model.chest_crop (--chest_crop) cannot run under "
                                                 "--jit_compile"),
+    ({"two_views": True, "chest_crop": True}, "model.two_views (--two_views) already reads each "
+                                              "film cut by the chest crop"),
+    ({"two_views": True, "lung_crop": True}, "model.two_views (--two_views) cannot be combined "
+                                             "with --lung_crop"),
+    ({"two_views": True, "jit_compile": True}, "model.two_views (--two_views) cannot run under "
+                                               "--jit_compile"),
+    ({"model": "robust", "two_views": True, "consistency": 12.0},
+     "model.two_views (--two_views) cannot be combined with --consistency"),
+    ({"two_views": True, "chest_margin": 0.5}, "model.chest_margin (--chest_margin) must be in "
+                                               "[0, 0.5)"),
 ]
 
 

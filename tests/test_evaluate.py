@@ -327,18 +327,22 @@ def _framed_lesion_images(n: int, seed: int):
     return np.stack(images), np.array(labels), centres
 
 
-def test_gradcam_under_a_chest_crop_lands_on_each_films_own_lesion():
-    """The chest crop cuts a different box from each film: the heatmap goes back onto it."""
-    from trainer import gradcam, models
+@pytest.mark.parametrize("crop", [{"chest_crop": True}, {"two_views": True}])
+def test_gradcam_under_a_chest_crop_lands_on_each_films_own_lesion(crop):
+    """The chest crop cuts a different box from each film: the heatmap goes back onto it (for
+    two views, the mean of the whole film's map and the crop's, each tower trained)."""
+    from trainer import gradcam, models, two_views
     from trainer.config import ModelConfig
     from trainer.keras_api import keras
     keras.utils.set_random_seed(3)
-    model = models.build(ModelConfig(chest_crop=True, chest_margin=0.1), 64, 2)
+    model = models.build(ModelConfig(chest_margin=0.1, **crop), 64, 2)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    two_views.use(model)
     x, y, _ = _framed_lesion_images(240, 0)
     model.fit(x, keras.utils.to_categorical(y, 2), epochs=12, batch_size=32, verbose=0)
     test_x, test_y, centres = _framed_lesion_images(12, 1)
-    assert (model.predict(test_x, verbose=0).argmax(axis=1) == test_y).all()
+    for each in two_views.towers(model) or [model]:
+        assert (each.predict(test_x, verbose=0).argmax(axis=1) == test_y).all(), each.name
     ill = test_y == 1
     maps, _ = gradcam.heatmaps(model, test_x[ill], class_indices=[1] * int(ill.sum()))
     for heat, (row, col) in zip(maps, [c for c, sick in zip(centres, ill) if sick]):

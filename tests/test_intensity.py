@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import config as config_lib, export, intensity, models, runs
+from trainer import config as config_lib, export, intensity, models, runs, two_views
 from trainer.keras_api import keras
 
 
@@ -118,6 +118,7 @@ INPUT_RECIPES = {  # what the model does to its input before the network, one tr
     "percentile": {"intensity": "percentile", "border_crop": 0.1},
     "lung-crop": {"intensity": "percentile", "lung_crop": True},
     "chest-crop": {"intensity": "equalize", "border_crop": 0.1, "chest_crop": True},
+    "two-views": {"intensity": "equalize", "border_crop": 0.1, "two_views": True},
 }
 
 
@@ -147,11 +148,13 @@ def test_the_run_records_and_the_checkpoint_carries_the_normalisation(normalised
     assert config.model.intensity in ("equalize", "percentile") and config.augment.augment
     assert (config.model.border_crop, bool(config.model.lung_box)) in ((0.1, False), (0.0, True))
     model = runs.load_model(str(normalised_run / "checkpoints" / "best.keras"))
-    kinds = {type(layer) for layer in model.layers}
-    assert kinds & {intensity.HistogramEqualization, intensity.PercentileNormalization}
-    names = {layer.name for layer in model.layers}
-    assert ("lung_crop" in names) == bool(config.model.lung_box)
-    assert ("chest_crop" in names) == config.model.chest_crop
+    for network in two_views.towers(model) or [model]:  # each tower normalises on its own
+        kinds = {type(layer) for layer in network.layers}
+        assert kinds & {intensity.HistogramEqualization, intensity.PercentileNormalization}
+        names = {layer.name for layer in network.layers}
+        assert ("lung_crop" in names) == bool(config.model.lung_box)
+        assert ("chest_crop" in names) == (config.model.chest_crop or network.name == "chest")
+    assert (two_views.towers(model) is not None) == config.model.two_views
 
 
 def test_train_evaluate_predict_and_export_agree(normalised_run, tmp_path):

@@ -119,6 +119,10 @@ class ModelConfig:
                               "its frame (trainer/chest_crop.py).")
     chest_margin: float = _field(0.05, "chest_crop: widen each image's lung field by this "
                                  "fraction of its height and width on each side.")
+    two_views: bool = _field(False, "Read each film twice, whole and cut by the chest crop "
+                             "(chest_crop, chest_margin), with two copies of the architecture, "
+                             "each trained on its own loss; the model predicts the mean of their "
+                             "probabilities (trainer/two_views.py). Twice the work a step.")
 
 
 @dataclasses.dataclass
@@ -435,6 +439,15 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
          "from the masks)"),
         (not (model.chest_crop and config.runtime.jit_compile), "model.chest_crop",
          "cannot run under --jit_compile (XLA has no CropAndResize kernel)"),
+        (not (model.two_views and model.chest_crop), "model.two_views",
+         "already reads each film cut by the chest crop in one of its two networks; leave "
+         "--chest_crop off"),
+        (not (model.two_views and model.lung_crop), "model.two_views",
+         "cannot be combined with --lung_crop (its second network uses the chest crop)"),
+        (not (model.two_views and config.runtime.jit_compile), "model.two_views",
+         "cannot run under --jit_compile (XLA has no CropAndResize kernel for the chest crop)"),
+        (not (model.two_views and train.consistency), "model.two_views",
+         "cannot be combined with --consistency (each replaces the training step)"),
         (0 <= model.percentile_low < 100, "model.percentile_low", "must be in [0, 100)"),
         (model.percentile_low < model.percentile_high <= 100, "model.percentile_high",
          "must be above percentile_low and at most 100"),

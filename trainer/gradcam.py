@@ -85,8 +85,17 @@ def heatmaps(model, images: np.ndarray, class_indices=None, layer=None,
     crops the input away, and placed on each image's own box under a chest crop), and the
     probabilities.
 
-    ``class_indices`` chooses the explained class per image (default: the predicted one).
+    ``class_indices`` chooses the explained class per image (default: the predicted one). A
+    two-view model's map is the mean of its towers' maps for the class the pair predicts.
     """
+    from trainer import two_views
+    pair = two_views.towers(model)
+    if pair is not None:
+        probs = model(tf.convert_to_tensor(images), training=False).numpy()
+        chosen = probs.argmax(axis=1) if class_indices is None else class_indices
+        cams = [heatmaps(tower, images, chosen, method=method)[0] for tower in pair]
+        mean = np.mean(cams, axis=0)
+        return mean / np.maximum(mean.max(axis=(1, 2), keepdims=True), 1e-12), probs
     layer = layer or last_conv_layer(model)
     grad_model, dense = _grad_model(model, layer)
     x = tf.convert_to_tensor(images)

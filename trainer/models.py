@@ -76,8 +76,11 @@ def build(model: ModelConfig, image_size: int, n_classes: int,
     if model.architecture not in REGISTRY:
         raise ConfigError(f"unknown model '{model.architecture}'; "
                           f"choose one of {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[model.architecture].builder(model, image_size, n_classes,
-                                                augment or AugmentConfig())
+    builder = REGISTRY[model.architecture].builder
+    if model.two_views:
+        from trainer import two_views
+        return two_views.build(builder, model, image_size, n_classes, augment or AugmentConfig())
+    return builder(model, image_size, n_classes, augment or AugmentConfig())
 
 
 def _scaling_layer(model: ModelConfig):

@@ -12,7 +12,7 @@ from absl import logging
 
 from trainer import callbacks, checkpoints, config as config_lib, consistency, data, datacheck, \
     distribute, export, layout_weights, lung_field, metrics, models, sources as sources_lib, \
-    storage
+    storage, two_views
 from trainer.config import Config
 from trainer.errors import DataError, Preempted, RunDirError, TrainerError
 from trainer.keras_api import keras
@@ -277,6 +277,7 @@ def run(config: Config) -> dict:
         compile_model(model, config, learning_rate)
         # here: compiled copies only evaluate
         consistency.use(model, config.train.consistency, config.train.consistency_fit)
+        two_views.use(model)
 
     batch = config.train.batch_size * replicas  # batch_size is per replica
     logging.info("global batch %d = %d per replica x %d replicas; learning rate %g (lr_scaling=%s)",
