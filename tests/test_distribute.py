@@ -250,18 +250,26 @@ def test_two_replicas_validate_every_image_once(mirrored_runs):
         assert float(recorded[f"val_{name}"]) == pytest.approx(again[name], abs=1e-5), name
 
 
-def test_two_replicas_train_with_layout_weights(mirrored_runs, tmp_path):
-    """--layout_weights under MirroredStrategy: the weighted batches split across replicas."""
+@pytest.mark.parametrize("flag, logged", [
+    ("--layout_weights=5", "layout weights (clip 5; within all)"),
+    ("--two_views", "two views: the whole film and its chest crop, each through its own vanilla"),
+])
+def test_two_replicas_train_with_an_option_of_their_own_step(mirrored_runs, tmp_path, flag,
+                                                             logged):
+    """Options that change what a step computes, under MirroredStrategy: --layout_weights
+    (weighted batches split across replicas) and --two_views (each tower fitted on its own
+    loss, a replaced train_step): the run trains, records and exports."""
     data_dir = mirrored_runs["mirrored"][0].parent / "data"
     done = run_python(TRAIN_SCRIPT, *SMALL_RUN, f"--data_dir={data_dir}", "--epochs=2",
                       f"--model_dir={tmp_path / 'run'}", "--strategy=mirrored", "--batch_size=8",
-                      "--layout_weights=5")
+                      flag)
     log = done.stdout + done.stderr
     assert "(strategy: mirrored, replicas: 2)" in log
-    assert "layout weights (clip 5; within all)" in log
+    assert logged in log
     history = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
     assert len(history) == 2 and all(np.isfinite(float(row["loss"])) for row in history)
     assert (tmp_path / "run" / "metrics.json").is_file()
+    assert (tmp_path / "run" / "export" / "saved_model.pb").is_file()
 
 
 # --- No replica is ever handed an empty batch (oneDNN's CPU kernels fail on one) -------------

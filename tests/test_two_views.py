@@ -1,11 +1,9 @@
 """--two_views: the whole film and its chest crop, each through its own network, averaged."""
-import csv
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import drawn_chest, run_python
+from conftest import drawn_chest
 from trainer import chest_crop, models, two_views
 from trainer.config import ModelConfig
 from trainer.keras_api import keras
@@ -68,19 +66,3 @@ def test_each_tower_is_fitted_on_its_own_loss():
     for first, second in zip(before, after):
         np.testing.assert_allclose(first.numpy(), second.numpy(), rtol=1e-5, atol=1e-7)
 
-
-def test_two_replicas_train_two_views(tmp_path):
-    """--two_views under MirroredStrategy: a run trains, records and exports."""
-    from test_distribute import SMALL_RUN, TRAIN_SCRIPT
-    from trainer import demo_data
-    demo_data.generate(tmp_path / "data", images_per_class=30, seed=2)
-    done = run_python(TRAIN_SCRIPT, *SMALL_RUN, f"--data_dir={tmp_path / 'data'}", "--epochs=2",
-                      f"--model_dir={tmp_path / 'run'}", "--strategy=mirrored", "--batch_size=8",
-                      "--two_views")
-    log = done.stdout + done.stderr
-    assert "(strategy: mirrored, replicas: 2)" in log
-    assert "two views: the whole film and its chest crop, each through its own vanilla" in log
-    history = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
-    assert len(history) == 2 and all(np.isfinite(float(row["loss"])) for row in history)
-    assert (tmp_path / "run" / "metrics.json").is_file()
-    assert (tmp_path / "run" / "export" / "saved_model.pb").is_file()
