@@ -151,17 +151,18 @@ VALID_NEW_VALUES = [
     {"architecture": "small_cnn", "image_size": 16}, {"preprocess": "torch"},
     {"model": "robust"}, {"model": "robust-densenet", "weights": "none"},
     {"lung_crop": True}, {"lung_crop": True, "lung_margin": 0.0},
-    {"lung_crop": True, "lung_margin": 0.49}, {"model": "robust", "lung_crop": True,
-                                               "border_crop": 0.0},
+    {"lung_crop": True, "lung_margin": 0.49},
+    {"model": "robust", "two_views": False, "lung_crop": True, "border_crop": 0.0},
     {"lr_patience": 0, "patience": 0}, {"lr_patience": 2}, {"lr_patience": 4, "patience": 5},
     {"lr_patience": 2, "lr_factor": 0.01}, {"lr_patience": 2, "lr_factor": 0.99},
     {"consistency": 0.0}, {"consistency": 0, "augment": False},
-    {"augment": True, "consistency": 12.0}, {"model": "robust", "consistency": 0.5},
-    {"model": "robust", "consistency": 12.0, "consistency_fit": "clean"},
-    {"model": "robust", "consistency": 1.0, "consistency_fit": "both"},
+    {"augment": True, "consistency": 12.0},
+    {"model": "robust", "two_views": False, "consistency": 0.5},
+    {"model": "robust", "two_views": False, "consistency": 12.0, "consistency_fit": "clean"},
+    {"model": "robust", "two_views": False, "consistency": 1.0, "consistency_fit": "both"},
     {"consistency_fit": "augmented"},
     {"layout_weights": 0.0}, {"layout_weights": 1.0}, {"model": "robust", "layout_weights": 10},
-    {"chest_crop": True}, {"model": "robust", "chest_crop": True},
+    {"chest_crop": True}, {"model": "robust", "two_views": False, "chest_crop": True},
     {"chest_crop": True, "chest_margin": 0.0}, {"chest_crop": True, "chest_margin": 0.49},
     {"chest_crop": False, "jit_compile": True}, {"chest_crop": False, "lung_crop": True},
     {"two_views": True}, {"model": "robust", "two_views": True},
@@ -193,7 +194,7 @@ INVALID_NEW_VALUES = [
     ({"model": "vanilla", "consistency": 1.0}, "needs --augment"),
     ({"model": "robust", "consistency_fit": "clean"}, "train.consistency_fit "
      "(--consistency_fit) applies only with --consistency above 0, got clean"),
-    ({"model": "robust", "consistency": 1.0, "consistency_fit": "mean"},
+    ({"model": "robust", "two_views": False, "consistency": 1.0, "consistency_fit": "mean"},
      "train.consistency_fit (--consistency_fit) must be one of augmented, clean, both, "
      "got 'mean'"),
     ({"layout_weights": 0.5}, "train.layout_weights (--layout_weights) must be 0 (off) or at "
@@ -262,6 +263,10 @@ INVALID_NEW_VALUES = [
                                              "with --lung_crop"),
     ({"two_views": True, "jit_compile": True}, "model.two_views (--two_views) cannot run under "
                                                "--jit_compile"),
+    ({"model": "robust", "chest_crop": True}, "leave --chest_crop off, or add --notwo_views"),
+    ({"model": "robust", "lung_crop": True, "border_crop": 0.0},
+     "cannot be combined with --lung_crop (its second network uses the chest crop); add "
+     "--notwo_views"),
     ({"model": "robust", "two_views": True, "consistency": 12.0},
      "model.two_views (--two_views) cannot be combined with --consistency"),
     ({"two_views": True, "chest_margin": 0.5}, "model.chest_margin (--chest_margin) must be in "
@@ -297,6 +302,7 @@ def test_robust_recipe():
     assert config.model.border_crop == 0.05 and config.train.class_weights == "balanced"
     assert config.data.group_by == r"(person\d+)_|IM-(\d+)-"
     assert (config.augment.aspect, config.augment.stretch) == (0.3, 0.0)
+    assert config.model.two_views and not config.model.chest_crop
     densenet = config_lib.load("robust-densenet")
     assert (densenet.augment.aspect, densenet.augment.stretch) == (0.3, 0.0)
     assert (densenet.model.architecture, densenet.data.image_size, densenet.model.weights) == \

@@ -47,8 +47,8 @@ def test_jensen_shannon_of_known_distributions(views, expected):
 
 
 def _model(weight: float, seed: int = 5):
-    config = config_lib.load("robust", overrides={"image_size": SIZE, "border_crop": 0.0,
-                                                  "consistency": weight})
+    config = config_lib.load("robust", overrides={"two_views": False, "image_size": SIZE,
+                                                  "border_crop": 0.0, "consistency": weight})
     keras.utils.set_random_seed(seed)
     model = models.build(config.model, SIZE, 3, config.augment)
     train.compile_model(model, config)
@@ -171,8 +171,8 @@ alone = float(consistency.penalty(divergence, 3.0))
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 shares = strategy.experimental_local_results(
     strategy.run(tf.function(lambda: consistency.penalty(divergence, 3.0))))
-config = config_lib.load("robust", overrides={"image_size": 16, "border_crop": 0.0,
-                                              "consistency": 12.0})
+config = config_lib.load("robust", overrides={"two_views": False, "image_size": 16,
+                                              "border_crop": 0.0, "consistency": 12.0})
 with strategy.scope():
     model = models.build(config.model, 16, 3, config.augment)
     train.compile_model(model, config)

@@ -441,9 +441,10 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
          "cannot run under --jit_compile (XLA has no CropAndResize kernel)"),
         (not (model.two_views and model.chest_crop), "model.two_views",
          "already reads each film cut by the chest crop in one of its two networks; leave "
-         "--chest_crop off"),
+         "--chest_crop off, or add --notwo_views for the chest crop alone"),
         (not (model.two_views and model.lung_crop), "model.two_views",
-         "cannot be combined with --lung_crop (its second network uses the chest crop)"),
+         "cannot be combined with --lung_crop (its second network uses the chest crop); add "
+         "--notwo_views"),
         (not (model.two_views and config.runtime.jit_compile), "model.two_views",
          "cannot run under --jit_compile (XLA has no CropAndResize kernel for the chest crop)"),
         (not (model.two_views and train.consistency), "model.two_views",
