@@ -265,8 +265,8 @@ INVALID_NEW_VALUES = [
                                                "--jit_compile"),
     ({"model": "robust", "chest_crop": True}, "leave --chest_crop off, or add --notwo_views"),
     ({"model": "robust", "lung_crop": True, "border_crop": 0.0},
-     "cannot be combined with --lung_crop (its second network uses the chest crop); add "
-     "--notwo_views"),
+     "model.two_views (--two_views) cannot be combined with --lung_crop (one crop frames the "
+     "lungs: the chest crop per image, or one box from the masks); add --notwo_views"),
     ({"model": "robust", "two_views": True, "consistency": 12.0},
      "model.two_views (--two_views) cannot be combined with --consistency"),
     ({"two_views": True, "chest_margin": 0.5}, "model.chest_margin (--chest_margin) must be in "

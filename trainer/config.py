@@ -401,6 +401,9 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
     """
     check_choices(config)
     data, model, train, aug = config.data, config.model, config.train, config.augment
+    # the chest crop runs alone or in the second network of two views: one set of rules
+    per_film = "model.two_views" if model.two_views else "model.chest_crop"
+    no_two_views = "; add --notwo_views" if model.two_views else ""
     rules = [
         (train.epochs >= 1, "train.epochs", "must be at least 1"),
         (train.batch_size >= 1, "train.batch_size", "must be at least 1"),
@@ -434,18 +437,13 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (not (model.lung_crop and model.border_crop), "model.border_crop",
          "must be 0 with --lung_crop (the lung field already leaves the borders out)"),
         (0 <= model.chest_margin < 0.5, "model.chest_margin", "must be in [0, 0.5)"),
-        (not (model.chest_crop and model.lung_crop), "model.chest_crop",
-         "cannot be combined with --lung_crop (one crop frames the lungs: per image, or one box "
-         "from the masks)"),
-        (not (model.chest_crop and config.runtime.jit_compile), "model.chest_crop",
-         "cannot run under --jit_compile (XLA has no CropAndResize kernel)"),
         (not (model.two_views and model.chest_crop), "model.two_views",
          "already reads each film cut by the chest crop in one of its two networks; leave "
          "--chest_crop off, or add --notwo_views for the chest crop alone"),
-        (not (model.two_views and model.lung_crop), "model.two_views",
-         "cannot be combined with --lung_crop (its second network uses the chest crop); add "
-         "--notwo_views"),
-        (not (model.two_views and config.runtime.jit_compile), "model.two_views",
+        (not ((model.chest_crop or model.two_views) and model.lung_crop), per_film,
+         "cannot be combined with --lung_crop (one crop frames the lungs: the chest crop per "
+         f"image, or one box from the masks){no_two_views}"),
+        (not ((model.chest_crop or model.two_views) and config.runtime.jit_compile), per_film,
          "cannot run under --jit_compile (XLA has no CropAndResize kernel for the chest crop)"),
         (not (model.two_views and train.consistency), "model.two_views",
          "cannot be combined with --consistency (each replaces the training step)"),
