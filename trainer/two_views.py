@@ -6,8 +6,9 @@ mistakes differ, and the mean of their probabilities holds up across framings be
 either (docs/generalisation.md). ``--two_views`` builds that pair as one model: one input, the
 configured architecture twice ("whole" and "chest", each with its own augmentation), and the
 mean of their softmax outputs. Each tower is trained on its own cross-entropy (a replaced
-``train_step``), so the pair learns as two separately trained models would; validation, early
-stopping, evaluation, prediction and the serving export all see the mean.
+``train_step``), so neither leans on the other, as two separately trained models would not;
+validation, early stopping (one stop for both), evaluation, prediction and the serving export
+all see the mean.
 """
 from __future__ import annotations
 
