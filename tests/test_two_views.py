@@ -65,4 +65,3 @@ def test_each_tower_is_fitted_on_its_own_loss():
     _, after = whole_gradients()
     for first, second in zip(before, after):
         np.testing.assert_allclose(first.numpy(), second.numpy(), rtol=1e-5, atol=1e-7)
-

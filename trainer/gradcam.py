@@ -94,8 +94,7 @@ def heatmaps(model, images: np.ndarray, class_indices=None, layer=None,
         probs = model(tf.convert_to_tensor(images), training=False).numpy()
         chosen = probs.argmax(axis=1) if class_indices is None else class_indices
         cams = [heatmaps(tower, images, chosen, method=method)[0] for tower in pair]
-        mean = np.mean(cams, axis=0)
-        return mean / np.maximum(mean.max(axis=(1, 2), keepdims=True), 1e-12), probs
+        return _scaled_to_peak(tf.constant(np.mean(cams, axis=0))).numpy(), probs
     layer = layer or last_conv_layer(model)
     grad_model, dense = _grad_model(model, layer)
     x = tf.convert_to_tensor(images)
@@ -116,6 +115,9 @@ def heatmaps(model, images: np.ndarray, class_indices=None, layer=None,
     weights = grads if method == "hirescam" else tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
     cam = _onto_input(cam, tf.shape(x)[1:3], input_window(model), _chest_boxes(model, x))
-    peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-    cam = tf.math.divide_no_nan(cam, peak)
-    return cam.numpy(), probs.numpy()
+    return _scaled_to_peak(cam).numpy(), probs.numpy()
+
+
+def _scaled_to_peak(cam: tf.Tensor) -> tf.Tensor:
+    """[N, H, W] maps divided by each one's peak, so each spans [0, 1] (an empty map stays 0)."""
+    return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
