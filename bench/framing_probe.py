@@ -1,6 +1,6 @@
 """Framing probe: does a trained run read the class from how a film is framed?
 
-    python bench/framing_probe.py RUN [RUN ...]
+    python bench/framing_probe.py [--by_framing] RUN [RUN ...]
 
 For each run trained with ``--holdout_sources``, its held-out images (by DATA_DIR/manifest.csv)
 are predicted four ways: as they are; "narrowed", the middle 3/4 of the rows cut out and
@@ -14,8 +14,12 @@ narrowed that zooming does not give points at the proportions of the chest, not 
 Where the held-out images hold several classes (e.g.
 ``--holdout_sources=cxnet,kermany-later,kermany-p1200``), each form also gets its macro-F1 over
 those classes and the recall of each: a model that calls everything NORMAL keeps its accuracy
-on held-out normals whatever the framing. Nothing is written: one line per run and form on
-stdout.
+on held-out normals whatever the framing. ``--by_framing`` also scores the films as they are
+in two groups: those already framed to the chest (the chest crop, trainer/chest_crop.py, finds
+no lung box in them and keeps the whole frame, as in most of cxr3's COVID-19 films) and those
+framed wider (a box is found, as in nearly all of Kermany's): a model that reads the framing
+finds one group's films far more often than the other's. Nothing is written: one line per run
+and form on stdout.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 KEEP = 0.75  # the fraction of rows (narrowed), columns (widened) or both (zoomed) kept
 FORMS = ("as-is", "narrowed", "widened", "zoomed")
+WHOLE = 0.99  # a chest-crop box over this share of the film is the whole frame
 
 
 def reframe(pixels, form: str):
@@ -55,6 +60,19 @@ def decoded(films_pixels: list, image_size: int, interpolation: str = "bilinear"
                                         interpolation) for pixels in films_pixels])
 
 
+def framed_to_the_chest(images, border: int = 0):
+    """bool [N]: for uint8 [N, H, W, 3] films, whether the chest crop keeps the whole frame
+    (finds no lung box) once ``border`` px are cut off each side, as the model's border crop
+    does: films framed to the chest already."""
+    import numpy as np
+    import tensorflow as tf
+    from trainer import chest_crop
+    height, width = images.shape[1], images.shape[2]
+    inner = tf.cast(images[:, border:height - border, border:width - border], tf.float32)
+    top, left, bottom, right = np.moveaxis(chest_crop.lung_boxes(inner).numpy(), 1, 0)
+    return (bottom - top) * (right - left) > WHOLE
+
+
 def held_out(config) -> list[tuple[str, str]]:
     """(path, label) of every image of the run's held-out sources, from the data manifest."""
     from trainer import sources, storage
@@ -77,11 +95,13 @@ def scores(labels, predicted, classes: list[str]) -> dict:
             "recall": {classes[c]: float(r) for c, r in zip(present, recall)}}
 
 
-def probe(model_dir: str) -> dict[str, dict]:
-    """Held-out scores (``scores``) of a run's best checkpoint in each form."""
+def probe(model_dir: str, by_framing: bool = False) -> dict[str, dict]:
+    """Held-out scores (``scores``) of a run's best checkpoint in each form; with
+    ``by_framing``, also of the films as they are framed to the chest and framed wider."""
     import numpy as np
     import tensorflow as tf
     from trainer import models, runs, storage
+    from trainer.config import border_pixels
     config = runs.read_config(model_dir)
     items = held_out(config)
     if not items:
@@ -98,19 +118,28 @@ def probe(model_dir: str) -> dict[str, dict]:
                          config.data.image_size, config.data.interpolation).numpy()
         predicted = model.predict(models.feed(model, images), verbose=0).argmax(axis=1)
         result[form] = scores(labels, predicted, classes)
+        if by_framing and form == "as-is":
+            tight = framed_to_the_chest(images, border_pixels(config.data.image_size,
+                                                              config.model.border_crop))
+            for name, chosen in (("framed to the chest", tight), ("framed wider", ~tight)):
+                if chosen.any():
+                    result[f"as-is, {name} ({chosen.sum()})"] = scores(
+                        labels[chosen], predicted[chosen], classes)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (model_dir)")
+    parser.add_argument("--by_framing", action="store_true",
+                        help="also score the films as they are, framed to the chest and wider")
     args = parser.parse_args(argv)
     print("| run | form | accuracy | macro-F1 | recall per class |")
     print("|---|---|---|---|---|")
     studies: dict[tuple[str, str], list[dict]] = {}
     for model_dir in args.runs:
         study = re.sub(r"-seed\d+$", "", Path(model_dir).name)
-        for form, got in probe(model_dir).items():
+        for form, got in probe(model_dir, args.by_framing).items():
             print(f"| {model_dir} | {form} | {cells(got)} |", flush=True)
             studies.setdefault((study, form), []).append(got)
     print("\nMedians over the runs of each study (run folders that differ only in -seedN):\n")

@@ -1,12 +1,14 @@
-"""bench/framing_probe.py's reframings, which docs/generalisation.md's framing figures rest on."""
+"""bench/framing_probe.py's reframings, which docs/generalisation.md's framing figures rest on,
+and its split of the films as they are into those framed to the chest and those framed wider."""
 from __future__ import annotations
 
 import importlib
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, drawn_chest, write_manifest
 
 
 @pytest.fixture
@@ -52,3 +54,48 @@ def test_scores_give_macro_f1_over_the_classes_present(probe):
     assert got["recall"] == {"N": 0.5, "V": 1.0}
     assert got["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
     assert probe.scores(np.array([1, 1]), np.array([1, 2]), ["C", "N", "V"])["macro_f1"] is None
+
+
+# Films cut through the lung tops (the lungs reach the film's top edge) or without lungs keep
+# their whole frame under the chest crop; a chest on a black film does not.
+TIGHT = drawn_chest(48, (-0.1, 0.05, 0.9, 0.95), surround=False)
+WIDE = drawn_chest(48, (0.2, 0.15, 0.7, 0.85))
+
+
+@pytest.mark.parametrize("name, film, border, framed_to_the_chest", [
+    ("a chest on a black film", WIDE, 0, False),
+    ("the same, its border cut", WIDE, 2, False),
+    ("cut through the lung tops", TIGHT, 0, True),
+    ("the same, its border cut", TIGHT, 2, True),
+    ("flat grey", np.full((48, 48, 3), 128, np.uint8), 0, True),
+])
+def test_films_framed_to_the_chest_are_those_the_crop_keeps_whole(probe, name, film, border,
+                                                                 framed_to_the_chest):
+    assert probe.framed_to_the_chest(film[None], border).tolist() == [framed_to_the_chest]
+
+
+def test_by_framing_scores_each_group_of_the_held_out_films(tmp_path, probe):
+    """A run trained with source 'new' held out: its films as they are, scored in two groups
+    that part them (three framed to the chest, three framed wider)."""
+    from trainer import config as config_lib, train
+    rows = []
+    for k, label in enumerate(config_lib.TUTORIAL_CLASSES):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(12):
+            source = "new" if label == "COVID-19" and i < 6 else "old"
+            film = TIGHT if (label == "COVID-19") == (i % 2 == 0) else WIDE
+            rng = np.random.default_rng(12 * k + i)  # no two films alike (the data check)
+            noisy = np.clip(film + rng.integers(-3, 4, film.shape), 0, 255).astype(np.uint8)
+            (tmp_path / "data" / label / f"{i}.png").write_bytes(tf.io.encode_png(noisy).numpy())
+            rows.append((f"{label}/{i}.png", label, source))
+    write_manifest(tmp_path / "data", rows)
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(tmp_path / "data"), "image_size": 48, "test_per_class": 2,
+        "holdout_sources": ["new"], "epochs": 1, "batch_size": 8,
+        "model_dir": str(tmp_path / "run")})
+    train.run(config)
+    got = probe.probe(str(tmp_path / "run"), by_framing=True)
+    assert list(got) == ["as-is", "as-is, framed to the chest (3)", "as-is, framed wider (3)",
+                         *probe.FORMS[1:]]
+    assert all(set(scores["recall"]) == {"COVID-19"} for scores in got.values())
+    assert "as-is, framed wider (3)" not in probe.probe(str(tmp_path / "run"))
