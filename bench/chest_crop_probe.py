@@ -25,9 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from framing_probe import FORMS, KEEP, decoded, reframe  # noqa: E402  (beside this script)
-
-WHOLE = 0.99  # a box over this share of the film is the whole frame
+from framing_probe import FORMS, KEEP, WHOLE, decoded, reframe  # noqa: E402  (beside this script)
 
 
 def groups(data_dir: str, per_group: int, apart: list[str] = (),
