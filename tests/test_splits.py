@@ -142,7 +142,7 @@ def _tree_with_sources(root: Path) -> Path:
     return tree_with_sources(root, ("a", "b"), ("k", "m"))
 
 
-def test_val_sources_are_the_whole_validation_split(tmp_path):
+def test_val_sources_covering_every_class_are_the_whole_validation_split(tmp_path):
     root = _tree_with_sources(tmp_path / "data")
     config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_per_class": 2,
                                                    "val_sources": ["b", "m"]})
@@ -153,16 +153,47 @@ def test_val_sources_are_the_whole_validation_split(tmp_path):
     assert not split_sources["train"] & {"b", "m"} and not split_sources["test"] & {"b", "m"}
     assert splits.counts()["val"] == [10, 10, 10]  # every image of b and m, nothing else
     assert splits.counts()["test"] == [2, 2, 2]
-    assert splits.counts()["train"] == [8, 8, 8]  # validation_split is not used
+    assert splits.counts()["train"] == [8, 8, 8]  # nothing from validation_split
 
 
-def test_val_and_holdout_sources_together(tmp_path):
+@pytest.mark.parametrize("validation_split, val, train", [
+    (0.25, [2, 10, 10], [6, 8, 8]),  # COVID-19, which m lacks, is validated on a's images
+    (0.0, [0, 10, 10], [8, 8, 8]),   # 0: the val source alone, one class left unvalidated
+])
+def test_val_and_holdout_sources_together(tmp_path, validation_split, val, train):
     root = _tree_with_sources(tmp_path / "data")
-    config = config_lib.load("vanilla", overrides={"data_dir": str(root), "test_per_class": 2,
-                                                   "val_sources": ["m"], "holdout_sources": ["b"]})
-    counts = data.make_splits(config.data).counts()
-    assert counts["val"] == [0, 10, 10] and counts["test"] == [12, 2, 2]
-    assert counts["train"] == [8, 8, 8]
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(root), "test_per_class": 2, "validation_split": validation_split,
+        "val_sources": ["m"], "holdout_sources": ["b"]})
+    splits = data.make_splits(config.data)
+    counts = splits.counts()
+    assert counts["val"] == val and counts["test"] == [12, 2, 2] and counts["train"] == train
+    val_sources = data.read_sources(str(root), splits.val)
+    assert {(e.label, s) for e, s in zip(splits.val, val_sources)} <= {(0, "a"), (1, "m"),
+                                                                       (2, "m")}
+
+
+@pytest.mark.parametrize("val_sources, validation_split, expected", [
+    ([], 0.2, [0.2, 0.2, 0.2]),
+    (["m"], 0.2, [0.2, 0.0, 0.0]),
+    (["b"], 0.3, [0.0, 0.3, 0.3]),
+    (["b", "m"], 0.2, [0.0, 0.0, 0.0]),
+    (["m"], 0.0, [0.0, 0.0, 0.0]),
+])
+def test_validation_shares_fill_the_classes_the_val_sources_lack(tmp_path, val_sources,
+                                                                  validation_split, expected):
+    root = _tree_with_sources(tmp_path / "data")
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(root), "validation_split": validation_split, "val_sources": val_sources})
+    examples = data.list_examples(str(root), config.data.classes)
+    _, validation, _ = data.hold_out_sources(examples, config.data)
+    assert data.validation_shares(config.data, validation) == expected
+
+
+def test_a_share_per_class_splits_each_class_by_its_own():
+    files = [(label, f"f{label}-{i}.png") for label in range(3) for i in range(20)]
+    parts = data.split_examples(_examples(files), 3, [0.5, 0.0, 0.25], 0, 1)
+    assert [sum(e.label == c for e in parts["val"]) for c in range(3)] == [10, 0, 5]
 
 
 @pytest.mark.parametrize("manifest, overrides, message", [

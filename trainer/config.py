@@ -74,9 +74,10 @@ class DataConfig:
                            "images never fall in two splits. Files it does not match are their "
                            "own group. Empty: every file is its own group (the tutorial).")
     val_sources: list = _field((), "Sources (the 'source' column of DATA_DIR/manifest.csv) whose "
-                               "images are the whole validation split (never trained on), so "
-                               "early stopping and the best checkpoint are chosen on a source "
-                               "training never saw; validation_split is then not used.")
+                               "images validate their classes (never trained on), so early "
+                               "stopping and the best checkpoint are chosen on a source "
+                               "training never saw; classes they lack are validated on "
+                               "validation_split of their training images (0: not at all).")
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -96,9 +97,12 @@ def split_rank(relpath: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{relpath}".encode()).hexdigest()
 
 
-def split_examples(examples: list[Example], n_classes: int, validation_split: float,
-                   test_per_class: int, seed: int, group_by: str = "") -> dict[str, list[Example]]:
+def split_examples(examples: list[Example], n_classes: int,
+                   validation_split: float | Sequence[float], test_per_class: int, seed: int,
+                   group_by: str = "") -> dict[str, list[Example]]:
     """Deterministic stratified split: per class, order by hash, take test, then val, then train.
+
+    ``validation_split`` is one share for every class, or a share per class.
 
     The order depends only on each file's relative path and the seed, so a file lands in
     the same split whatever order the listing returned. With ``group_by`` (a regex; see
@@ -109,6 +113,8 @@ def split_examples(examples: list[Example], n_classes: int, validation_split: fl
     its own group: today's split, image for image.
     """
     pattern = re.compile(group_by) if group_by else None
+    shares = (list(validation_split) if isinstance(validation_split, (list, tuple))
+              else [validation_split] * n_classes)
     fill_order = ("test", "val", "train")
     first = {}  # group -> the earliest split (in fill_order) any class put it in
     by_class = []
@@ -123,7 +129,7 @@ def split_examples(examples: list[Example], n_classes: int, validation_split: fl
         for key, files in ranked:
             if taken["test"] < n_test:
                 name = "test"
-            elif taken["val"] < int(round((len(members) - taken["test"]) * validation_split)):
+            elif taken["val"] < int(round((len(members) - taken["test"]) * shares[label])):
                 name = "val"
             else:
                 name = "train"
@@ -187,9 +193,17 @@ def hold_out_sources(examples: list[Example], data: DataConfig) -> tuple[list, l
         logging.info("holding out %d images from %s: test only, never trained on", len(unseen),
                      ", ".join(sorted(held)))
     if val:
-        logging.info("validating on the %d images from %s (never trained on); "
-                     "validation_split is not used", len(validation), ", ".join(sorted(val)))
+        logging.info("validating on the %d images from %s (never trained on)", len(validation),
+                     ", ".join(sorted(val)))
     return keep, validation, unseen
+
+
+def validation_shares(data: DataConfig, validation: list[Example]) -> list[float]:
+    """The share of each class's remaining images that goes to validation: none for a class
+    the ``val_sources`` hold (their images choose the checkpoint), ``validation_split`` for the
+    others, so every class is validated even when the val sources hold one class."""
+    held = {e.label for e in validation}
+    return [0.0 if label in held else data.validation_split for label in range(len(data.classes))]
 
 
 def make_splits(data: DataConfig) -> Splits:
@@ -200,8 +214,13 @@ def make_splits(data: DataConfig) -> Splits:
     examples = list_examples(data.data_dir, data.classes)
     examples, validation, unseen = hold_out_sources(examples, data)
     held_out = 0 if data.test_dir else data.test_per_class
-    val_share = 0.0 if data.val_sources else data.validation_split
-    parts = split_examples(examples, len(data.classes), val_share, held_out, data.seed,
+    shares = validation_shares(data, validation)
+    if validation and any(shares):
+        logging.info("validating the classes the val sources lack (%s) on validation_split "
+                     "(%g) of their training images",
+                     ", ".join(c for c, share in zip(data.classes, shares) if share),
+                     data.validation_split)
+    parts = split_examples(examples, len(data.classes), shares, held_out, data.seed,
                            data.group_by)
     if data.test_dir:
         parts["test"] = list_examples(data.test_dir, data.classes)
