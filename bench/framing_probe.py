@@ -1,6 +1,6 @@
 """Framing probe: does a trained run read the class from how a film is framed?
 
-    python bench/framing_probe.py [--by_framing] RUN [RUN ...]
+    python bench/framing_probe.py [--by_framing] [--sources=NAME[,NAME]] RUN [RUN ...]
 
 For each run trained with ``--holdout_sources``, its held-out images (by DATA_DIR/manifest.csv)
 are predicted four ways: as they are; "narrowed", the middle 3/4 of the rows cut out and
@@ -18,8 +18,10 @@ on held-out normals whatever the framing. ``--by_framing`` also scores the films
 in two groups: those already framed to the chest (the chest crop, trainer/chest_crop.py, finds
 no lung box in them and keeps the whole frame, as in most of cxr3's COVID-19 films) and those
 framed wider (a box is found, as in nearly all of Kermany's): a model that reads the framing
-finds one group's films far more often than the other's. Nothing is written: one line per run
-and form on stdout.
+finds one group's films far more often than the other's. ``--sources=NAME[,NAME]`` scores
+only those of a run's held-out sources, so runs that hold out more (e.g. a source held out of
+one run and validated on in another) are compared on the same films. Nothing is written: one
+line per run and form on stdout.
 """
 from __future__ import annotations
 
@@ -73,11 +75,18 @@ def framed_to_the_chest(images, border: int = 0):
     return (bottom - top) * (right - left) > WHOLE
 
 
-def held_out(config) -> list[tuple[str, str]]:
-    """(path, label) of every image of the run's held-out sources, from the data manifest."""
+def held_out(config, only: list[str] | None = None) -> list[tuple[str, str]]:
+    """(path, label) of every image of the run's held-out sources (``only`` those named, which
+    must be some of them), from the data manifest."""
     from trainer import sources, storage
     source_of = sources.from_manifest(config.data.data_dir) or {}
     wanted = set(config.data.holdout_sources)
+    if only:
+        if not set(only) <= wanted:
+            raise SystemExit(f"--sources: {', '.join(sorted(set(only) - wanted))} not held out "
+                             f"by the run in {config.output.model_dir} (held out: "
+                             f"{', '.join(sorted(wanted)) or 'none'})")
+        wanted = set(only)
     return [(storage.join(config.data.data_dir, rel), rel.split("/", 1)[0])
             for rel, source in sorted(source_of.items()) if source in wanted]
 
@@ -95,15 +104,17 @@ def scores(labels, predicted, classes: list[str]) -> dict:
             "recall": {classes[c]: float(r) for c, r in zip(present, recall)}}
 
 
-def probe(model_dir: str, by_framing: bool = False) -> dict[str, dict]:
-    """Held-out scores (``scores``) of a run's best checkpoint in each form; with
-    ``by_framing``, also of the films as they are framed to the chest and framed wider."""
+def probe(model_dir: str, by_framing: bool = False,
+          only: list[str] | None = None) -> dict[str, dict]:
+    """Held-out scores (``scores``) of a run's best checkpoint in each form, on ``only`` those
+    held-out sources where given; with ``by_framing``, also of the films as they are framed
+    to the chest and framed wider."""
     import numpy as np
     import tensorflow as tf
     from trainer import models, runs, storage
     from trainer.config import border_pixels
     config = runs.read_config(model_dir)
-    items = held_out(config)
+    items = held_out(config, only)
     if not items:
         raise SystemExit(f"{model_dir}: no held-out images (trained without --holdout_sources, "
                          "or DATA_DIR/manifest.csv is gone)")
@@ -133,13 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (model_dir)")
     parser.add_argument("--by_framing", action="store_true",
                         help="also score the films as they are, framed to the chest and wider")
+    parser.add_argument("--sources", default="", metavar="NAME[,NAME]",
+                        help="score only these of each run's held-out sources (runs that hold "
+                             "out more sources than they are compared on)")
     args = parser.parse_args(argv)
+    only = [name for name in args.sources.split(",") if name]
     print("| run | form | accuracy | macro-F1 | recall per class |")
     print("|---|---|---|---|---|")
     studies: dict[tuple[str, str], list[dict]] = {}
     for model_dir in args.runs:
         study = re.sub(r"-seed\d+$", "", Path(model_dir).name)
-        for form, got in probe(model_dir, args.by_framing).items():
+        for form, got in probe(model_dir, args.by_framing, only).items():
             print(f"| {model_dir} | {form} | {cells(got)} |", flush=True)
             studies.setdefault((study, form), []).append(got)
     print("\nMedians over the runs of each study (run folders that differ only in -seedN):\n")

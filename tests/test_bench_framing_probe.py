@@ -3,6 +3,7 @@ and its split of the films as they are into those framed to the chest and those 
 from __future__ import annotations
 
 import importlib
+import re
 
 import numpy as np
 import pytest
@@ -99,3 +100,25 @@ def test_by_framing_scores_each_group_of_the_held_out_films(tmp_path, probe):
                          *probe.FORMS[1:]]
     assert all(set(scores["recall"]) == {"COVID-19"} for scores in got.values())
     assert "as-is, framed wider (3)" not in probe.probe(str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("only, expected", [
+    (None, ["C/n1.png", "C/n2.png", "N/n2b.png"]),
+    (["new2"], ["C/n2.png", "N/n2b.png"]),
+    (["new1", "new2"], ["C/n1.png", "C/n2.png", "N/n2b.png"]),
+    (["old"], "--sources: old not held out by the run in /r (held out: new1, new2)"),
+    (["new1", "zz"], "--sources: zz not held out"),
+])
+def test_sources_narrow_the_held_out_films_to_those_named(tmp_path, probe, only, expected):
+    from trainer import config as config_lib
+    write_manifest(tmp_path, [("C/n1.png", "C", "new1"), ("C/n2.png", "C", "new2"),
+                              ("N/n2b.png", "N", "new2"), ("N/o.png", "N", "old")])
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(tmp_path), "holdout_sources": ["new1", "new2"], "model_dir": "/r"})
+    if isinstance(expected, str):
+        with pytest.raises(SystemExit, match=re.escape(expected)):
+            probe.held_out(config, only)
+    else:
+        got = probe.held_out(config, only)
+        assert [path for path, _ in got] == [str(tmp_path / rel) for rel in expected]
+        assert [label for _, label in got] == [rel[0] for rel in expected]
