@@ -253,12 +253,14 @@ def test_two_replicas_validate_every_image_once(mirrored_runs):
 @pytest.mark.parametrize("flag, logged", [
     ("--layout_weights=5", "layout weights (clip 5; within all)"),
     ("--two_views", "two views: the whole film and its chest crop, each through its own vanilla"),
+    ("--val_class_weights=balanced", "validation weights (balanced, from the validation split)"),
 ])
 def test_two_replicas_train_with_an_option_of_their_own_step(mirrored_runs, tmp_path, flag,
                                                              logged):
     """Options that change what a step computes, under MirroredStrategy: --layout_weights
-    (weighted batches split across replicas) and --two_views (each tower fitted on its own
-    loss, a replaced train_step): the run trains, records and exports."""
+    (weighted batches split across replicas), --two_views (each tower fitted on its own
+    loss, a replaced train_step) and --val_class_weights (weighted batches validated on one
+    device): the run trains, records and exports."""
     data_dir = mirrored_runs["mirrored"][0].parent / "data"
     done = run_python(TRAIN_SCRIPT, *SMALL_RUN, f"--data_dir={data_dir}", "--epochs=2",
                       f"--model_dir={tmp_path / 'run'}", "--strategy=mirrored", "--batch_size=8",

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import checkpoints, config as config_lib, data, models, train
+from conftest import tree_with_sources
+from trainer import checkpoints, config as config_lib, data, models, runs, train
 from trainer.keras_api import keras
 from trainer.errors import RunDirError
 
@@ -257,3 +258,50 @@ def test_a_run_whose_model_calls_everything_one_class_says_so(tiny_config, one_c
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("calls every one of the 18 images COVID-19" in w and "--seed" in w
                for w in warnings), warnings
+
+
+# --- validation weights (--val_class_weights) ------------------------------------------------
+
+@pytest.mark.parametrize("mode, val_sources, weighted", [
+    ("auto", [], False),
+    ("auto", ["m"], True),
+    ("balanced", [], True),
+    ("none", ["m"], False),
+])
+def test_validation_weights_balance_the_classes_when_asked(tmp_path, mode, val_sources,
+                                                           weighted):
+    root = tree_with_sources(tmp_path / "data", ("a", "b"), ("k", "m"))
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(root), "test_per_class": 2, "val_sources": val_sources,
+        "val_class_weights": mode})
+    splits = data.make_splits(config.data)
+    weights = train.validation_weights(splits, config)
+    if not weighted:
+        assert weights is None
+        return
+    labels = np.array([e.label for e in splits.val])
+    assert weights.shape == labels.shape and weights.sum() == pytest.approx(len(labels))
+    per_class = [weights[labels == c].sum() for c in range(3)]  # every class counts alike
+    assert per_class == pytest.approx([len(labels) / 3] * 3)
+
+
+def test_val_loss_is_the_balanced_mean_of_the_validation_losses(tmp_path):
+    """With a val source of two classes (10 images each) and 4 COVID-19 validation images
+    from training's sources, the val_loss a run records is the class-balanced mean."""
+    root = tree_with_sources(tmp_path / "data", ("a", "b"), ("k", "m"))
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(root), "image_size": 16, "test_per_class": 2, "val_sources": ["m"],
+        "epochs": 1, "batch_size": 8, "model_dir": str(tmp_path / "run")})
+    train.run(config)
+    splits = data.make_splits(config.data)
+    assert splits.counts()["val"] == [4, 10, 10]
+    model = runs.load_model(str(tmp_path / "run" / "checkpoints" / "last.keras"))
+    images = np.concatenate([x for x, _ in data.make_dataset(splits.val, config.data, 8,
+                                                             training=False)])
+    labels = np.array([e.label for e in splits.val])
+    probs = model.predict(models.feed(model, images), verbose=0)
+    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1))
+    per_class = [losses[labels == c].mean() for c in range(3)]
+    recorded = float(_history(tmp_path / "run")[0]["val_loss"])
+    assert recorded == pytest.approx(np.mean(per_class), rel=1e-3)
+    assert recorded != pytest.approx(losses.mean(), rel=1e-3)  # not the plain mean

@@ -159,6 +159,12 @@ class TrainConfig:
     learning_rate: float = _field(0.001, "Adam learning rate.")
     class_weights: str = _field("balanced", "balanced: sklearn weights from the training split; "
                                 "none: unweighted.", ("balanced", "none"))
+    val_class_weights: str = _field(
+        "auto", "Weights of the validation images in val_loss, which early stopping and the "
+        "best checkpoint follow: balanced (every class counts alike, from the validation "
+        "split's own counts; the other val_ metrics still count every image alike), none "
+        "(every image alike), or auto: balanced with --val_sources (their images make the "
+        "split's class counts arbitrary), none otherwise.", ("auto", "balanced", "none"))
     patience: int = _field(5, "EarlyStopping patience in epochs (on val_loss).")
     min_delta: float = _field(0.01, "EarlyStopping minimum improvement of val_loss.")
     lr_patience: int = _field(0, "Multiply the learning rate by lr_factor after this many epochs "

@@ -441,10 +441,12 @@ def cache_shuffle_batch(ds: tf.data.Dataset, data: DataConfig, n_images: int, ba
 
 
 def class_weights(labels: list[int], n_classes: int) -> dict[int, float]:
-    """sklearn's 'balanced' weights n / (k * count) from the actual training labels."""
-    weights = sk_class_weight.compute_class_weight(
-        "balanced", classes=np.arange(n_classes), y=np.asarray(labels))
-    return {i: float(w) for i, w in enumerate(weights)}
+    """sklearn's 'balanced' weights n / (k * count) over the k classes the labels hold (a
+    class they lack weighs 1: no image carries it)."""
+    present = np.unique(np.asarray(labels, np.int64))
+    weights = sk_class_weight.compute_class_weight("balanced", classes=present,
+                                                   y=np.asarray(labels))
+    return {i: 1.0 for i in range(n_classes)} | dict(zip(present.tolist(), map(float, weights)))
 
 
 def is_prepared(root: str) -> bool:

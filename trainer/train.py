@@ -145,9 +145,10 @@ def one_device_copy(model, config: Config):
 
 
 def fit_inputs(model, splits: data.Splits, config: Config, strategy, me: distribute.Role,
-               sample_weights: np.ndarray | None = None):
+               sample_weights: np.ndarray | None = None, val_weights: np.ndarray | None = None):
     """What fit reads: (training batches, validation batches, validation callback); the
-    training batches carry ``sample_weights`` (one per training image) where given.
+    training and validation batches carry ``sample_weights`` and ``val_weights`` (one per
+    image of the split) where given.
 
     With several replicas no replica may get an empty batch (oneDNN's CPU kernels fail on
     one), so every training batch is whole (a short last batch is dropped; the reshuffle
@@ -169,12 +170,12 @@ def fit_inputs(model, splits: data.Splits, config: Config, strategy, me: distrib
         return train_ds, None, None
     if not several:
         return train_ds, models.feed_dataset(model, data.make_dataset(
-            splits.val, config.data, batch, training=False)), None
+            splits.val, config.data, batch, training=False, weights=val_weights)), None
     if not me.is_chief:  # it receives the chief's figures
         return train_ds, None, callbacks.OneDeviceValidation(None, None, strategy, me)
     copy = one_device_copy(model, config)
     val_ds = models.feed_dataset(copy, data.make_dataset(
-        splits.val, config.data, config.train.batch_size, training=False))
+        splits.val, config.data, config.train.batch_size, training=False, weights=val_weights))
     return train_ds, None, callbacks.OneDeviceValidation(copy, val_ds, strategy, me)
 
 
@@ -235,6 +236,19 @@ def sample_weights(splits: data.Splits, config: Config,
     return films * np.array([weights[e.label] for e in splits.train], np.float32)
 
 
+def validation_weights(splits: data.Splits, config: Config) -> np.ndarray | None:
+    """Per validation image, its weight in val_loss (--val_class_weights): balanced, so that
+    every class counts alike, or None (every image alike)."""
+    mode = config.train.val_class_weights
+    if not splits.val or mode == "none" or (mode == "auto" and not config.data.val_sources):
+        return None
+    labels = [e.label for e in splits.val]
+    weights = data.class_weights(labels, len(splits.classes))
+    logging.info("validation weights (balanced, from the validation split): %s",
+                 {c: round(w, 3) for c, w in zip(splits.classes, weights.values())})
+    return np.array([weights[label] for label in labels], np.float32)
+
+
 def fit(model, train_ds, val_ds, config: Config, weights: dict | None, cbs: list,
         me: distribute.Role):
     """model.fit (``weights``: the class weights, None where the batches carry sample
@@ -282,7 +296,8 @@ def run(config: Config) -> dict:
     batch = config.train.batch_size * replicas  # batch_size is per replica
     logging.info("global batch %d = %d per replica x %d replicas; learning rate %g (lr_scaling=%s)",
                  batch, config.train.batch_size, replicas, learning_rate, config.runtime.lr_scaling)
-    train_ds, val_ds, validation = fit_inputs(model, splits, config, strategy, me, per_image)
+    train_ds, val_ds, validation = fit_inputs(model, splits, config, strategy, me, per_image,
+                                              validation_weights(splits, config))
     monitor = "val_loss" if splits.val else "loss"
     out_dir = model_dir if me.is_chief else distribute.worker_temp_dir(me)
     try:
