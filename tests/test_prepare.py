@@ -362,3 +362,19 @@ def test_entry_points_import_tfds_only_when_they_use_it():
                           timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_prepared_splits_follow_val_and_holdout_sources(tmp_path):
+    """A class the val source lacks is validated on validation_split in the shards too."""
+    from conftest import tree_with_sources
+    root = tree_with_sources(tmp_path / "data", ("a", "b"), ("k", "m"))
+    config = config_lib.load("vanilla", overrides={
+        "data_dir": str(root), "image_size": 16, "test_per_class": 2, "validation_split": 0.25,
+        "val_sources": ["m"], "holdout_sources": ["b"]})
+    dst = str(tmp_path / "prepared")
+    prepare.prepare(config, str(root), dst, max_side=64, shard_mb=1)
+    from_files = data.make_splits(config.data)
+    from_shards = data.make_splits(_prepared_config(dst).data)
+    assert from_shards.counts()["val"] == from_files.counts()["val"] == [2, 10, 10]
+    for name in data.SPLITS:
+        assert _keys(getattr(from_shards, name)) == _keys(getattr(from_files, name)), name
