@@ -1,6 +1,6 @@
 """Framing probe: does a trained run read the class from how a film is framed?
 
-    python bench/framing_probe.py [--by_framing] [--sources=NAME[,NAME]] RUN [RUN ...]
+    python bench/framing_probe.py [--by_framing] [--sources=NAME[,NAME]] [--ensemble=K] RUN [RUN ...]
 
 For each run trained with ``--holdout_sources``, its held-out images (by DATA_DIR/manifest.csv)
 are predicted four ways: as they are; "narrowed", the middle 3/4 of the rows cut out and
@@ -20,8 +20,10 @@ no lung box in them and keeps the whole frame, as in most of cxr3's COVID-19 fil
 framed wider (a box is found, as in nearly all of Kermany's): a model that reads the framing
 finds one group's films far more often than the other's. ``--sources=NAME[,NAME]`` scores
 only those of a run's held-out sources, so runs that hold out more (e.g. a source held out of
-one run and validated on in another) are compared on the same films. Nothing is written: one
-line per run and form on stdout.
+one run and validated on in another) are compared on the same films. ``--ensemble=K`` also
+scores the mean of the probabilities of each K runs of a study (run folders that differ only in
+-seedN, in the order given: seeds 1 to 3, then 4 to 6), an ensemble of its recipe, beside the
+runs alone. Nothing is written: one line per run (or ensemble) and form on stdout.
 """
 from __future__ import annotations
 
@@ -104,11 +106,11 @@ def scores(labels, predicted, classes: list[str]) -> dict:
             "recall": {classes[c]: float(r) for c, r in zip(present, recall)}}
 
 
-def probe(model_dir: str, by_framing: bool = False,
-          only: list[str] | None = None) -> dict[str, dict]:
-    """Held-out scores (``scores``) of a run's best checkpoint in each form, on ``only`` those
-    held-out sources where given; with ``by_framing``, also of the films as they are framed
-    to the chest and framed wider."""
+def predictions(model_dir: str, by_framing: bool = False,
+                only: list[str] | None = None) -> dict:
+    """A run's best checkpoint on its held-out films (``only`` those sources where given):
+    "films" (paths), "labels", "classes", "probabilities" per form and, with ``by_framing``,
+    "tight" (which films as they are the chest crop keeps whole)."""
     import numpy as np
     import tensorflow as tf
     from trainer import models, runs, storage
@@ -120,23 +122,73 @@ def probe(model_dir: str, by_framing: bool = False,
                          "or DATA_DIR/manifest.csv is gone)")
     model = runs.load_model(runs.checkpoint_path(model_dir, "best"))
     classes = config.data.classes
-    labels = np.array([classes.index(label) for _, label in items])
     originals = [tf.io.decode_image(storage.read_bytes(path), channels=3).numpy()
                  for path, _ in items]
-    result = {}
+    got = {"films": [path for path, _ in items], "classes": classes,
+           "labels": np.array([classes.index(label) for _, label in items]),
+           "probabilities": {}, "tight": None}
     for form in FORMS:
         images = decoded([reframe(pixels, form) for pixels in originals],
                          config.data.image_size, config.data.interpolation).numpy()
-        predicted = model.predict(models.feed(model, images), verbose=0).argmax(axis=1)
-        result[form] = scores(labels, predicted, classes)
+        got["probabilities"][form] = model.predict(models.feed(model, images), verbose=0)
         if by_framing and form == "as-is":
-            tight = framed_to_the_chest(images, border_pixels(config.data.image_size,
-                                                              config.model.border_crop))
+            got["tight"] = framed_to_the_chest(images, border_pixels(config.data.image_size,
+                                                                     config.model.border_crop))
+    return got
+
+
+def scored(got: dict) -> dict[str, dict]:
+    """``scores`` of ``predictions`` in each form and, where it has "tight", of the films as
+    they are in the two framings."""
+    labels, classes = got["labels"], got["classes"]
+    result = {}
+    for form, probabilities in got["probabilities"].items():
+        predicted = probabilities.argmax(axis=1)
+        result[form] = scores(labels, predicted, classes)
+        if got["tight"] is not None and form == "as-is":
+            tight = got["tight"]
             for name, chosen in (("framed to the chest", tight), ("framed wider", ~tight)):
                 if chosen.any():
                     result[f"as-is, {name} ({chosen.sum()})"] = scores(
                         labels[chosen], predicted[chosen], classes)
     return result
+
+
+def probe(model_dir: str, by_framing: bool = False,
+          only: list[str] | None = None) -> dict[str, dict]:
+    """Held-out scores (``scores``) of a run's best checkpoint in each form, on ``only`` those
+    held-out sources where given; with ``by_framing``, also of the films as they are framed
+    to the chest and framed wider."""
+    return scored(predictions(model_dir, by_framing, only))
+
+
+def ensemble(members: list[tuple[str, dict]]) -> dict:
+    """The mean of several runs' ``predictions`` (the framing groups of the first): runs of one
+    study that differ only in their seed, an ensemble of its recipe."""
+    import numpy as np
+    first_dir, first = members[0]
+    for model_dir, got in members[1:]:
+        if got["films"] != first["films"] or got["classes"] != first["classes"]:
+            raise SystemExit(f"--ensemble: {model_dir} and {first_dir} were not tested on the "
+                             "same held-out films and classes")
+    return {**first, "probabilities": {
+        form: np.mean([got["probabilities"][form] for _, got in members], axis=0)
+        for form in first["probabilities"]}}
+
+
+def ensembles(study_runs: list[str], size: int) -> list[list[str]]:
+    """One study's runs in groups of ``size``, in the order given; runs left over are left out
+    (with a line on stderr)."""
+    whole = len(study_runs) - len(study_runs) % size
+    if whole < len(study_runs):
+        print(f"--ensemble={size}: {', '.join(study_runs[whole:])} left out (not a whole "
+              "ensemble)", file=sys.stderr)
+    return [study_runs[k:k + size] for k in range(0, whole, size)]
+
+
+def study_of(model_dir: str) -> str:
+    """A run folder's study: its name without -seedN."""
+    return re.sub(r"-seed\d+$", "", Path(model_dir).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,21 +199,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", default="", metavar="NAME[,NAME]",
                         help="score only these of each run's held-out sources (runs that hold "
                              "out more sources than they are compared on)")
+    parser.add_argument("--ensemble", type=int, default=0, metavar="K",
+                        help="also score the mean of each K runs of a study (in the order "
+                             "given), as one model")
     args = parser.parse_args(argv)
+    if args.ensemble == 1 or args.ensemble < 0:
+        parser.error(f"--ensemble={args.ensemble}: give 2 or more runs per ensemble (0: none)")
     only = [name for name in args.sources.split(",") if name]
     print("| run | form | accuracy | macro-F1 | recall per class |")
     print("|---|---|---|---|---|")
     studies: dict[tuple[str, str], list[dict]] = {}
+    kept: dict[str, dict] = {}
     for model_dir in args.runs:
-        study = re.sub(r"-seed\d+$", "", Path(model_dir).name)
-        for form, got in probe(model_dir, args.by_framing, only).items():
-            print(f"| {model_dir} | {form} | {cells(got)} |", flush=True)
-            studies.setdefault((study, form), []).append(got)
+        got = predictions(model_dir, args.by_framing, only)
+        if args.ensemble:
+            kept[model_dir] = got
+        for form, result in scored(got).items():
+            print(f"| {model_dir} | {form} | {cells(result)} |", flush=True)
+            studies.setdefault((study_of(model_dir), form), []).append(result)
+    if args.ensemble:
+        by_study: dict[str, list[str]] = {}
+        for model_dir in args.runs:
+            by_study.setdefault(study_of(model_dir), []).append(model_dir)
+        for study, study_runs in by_study.items():
+            for group in ensembles(study_runs, args.ensemble):
+                name = " + ".join(Path(model_dir).name for model_dir in group)
+                mean = ensemble([(model_dir, kept[model_dir]) for model_dir in group])
+                for form, result in scored(mean).items():
+                    print(f"| {name} | {form} | {cells(result)} |", flush=True)
+                    studies.setdefault((f"{study}, ensembles of {args.ensemble}", form),
+                                       []).append(result)
     print("\nMedians over the runs of each study (run folders that differ only in -seedN):\n")
     print("| study | form | runs | accuracy | macro-F1 | recall per class |")
     print("|---|---|---|---|---|---|")
-    for (study, form), runs in studies.items():
-        print(f"| {study} | {form} | {len(runs)} | {cells(median_scores(runs))} |")
+    for (study, form), results in studies.items():
+        print(f"| {study} | {form} | {len(results)} | {cells(median_scores(results))} |")
     return 0
 
 

@@ -75,31 +75,92 @@ def test_films_framed_to_the_chest_are_those_the_crop_keeps_whole(probe, name, f
     assert probe.framed_to_the_chest(film[None], border).tolist() == [framed_to_the_chest]
 
 
-def test_by_framing_scores_each_group_of_the_held_out_films(tmp_path, probe):
-    """A run trained with source 'new' held out: its films as they are, scored in two groups
-    that part them (three framed to the chest, three framed wider)."""
+def _held_out_run(root, seed: int = 28) -> str:
+    """A run trained with source 'new' (six COVID-19 films) held out, three of its films framed
+    to the chest and three framed wider; its folder."""
     from trainer import config as config_lib, train
-    rows = []
-    for k, label in enumerate(config_lib.TUTORIAL_CLASSES):
-        (tmp_path / "data" / label).mkdir(parents=True)
-        for i in range(12):
-            source = "new" if label == "COVID-19" and i < 6 else "old"
-            film = TIGHT if (label == "COVID-19") == (i % 2 == 0) else WIDE
-            rng = np.random.default_rng(12 * k + i)  # no two films alike (the data check)
-            noisy = np.clip(film + rng.integers(-3, 4, film.shape), 0, 255).astype(np.uint8)
-            (tmp_path / "data" / label / f"{i}.png").write_bytes(tf.io.encode_png(noisy).numpy())
-            rows.append((f"{label}/{i}.png", label, source))
-    write_manifest(tmp_path / "data", rows)
+    data = root / "data"
+    if not data.exists():
+        rows = []
+        for k, label in enumerate(config_lib.TUTORIAL_CLASSES):
+            (data / label).mkdir(parents=True)
+            for i in range(12):
+                source = "new" if label == "COVID-19" and i < 6 else "old"
+                film = TIGHT if (label == "COVID-19") == (i % 2 == 0) else WIDE
+                rng = np.random.default_rng(12 * k + i)  # no two films alike (the data check)
+                noisy = np.clip(film + rng.integers(-3, 4, film.shape), 0, 255).astype(np.uint8)
+                (data / label / f"{i}.png").write_bytes(tf.io.encode_png(noisy).numpy())
+                rows.append((f"{label}/{i}.png", label, source))
+        write_manifest(data, rows)
+    model_dir = root / f"run-seed{seed}"
     config = config_lib.load("vanilla", overrides={
-        "data_dir": str(tmp_path / "data"), "image_size": 48, "test_per_class": 2,
-        "holdout_sources": ["new"], "epochs": 1, "batch_size": 8,
-        "model_dir": str(tmp_path / "run")})
+        "data_dir": str(data), "image_size": 48, "test_per_class": 2, "seed": seed,
+        "holdout_sources": ["new"], "epochs": 1, "batch_size": 8, "model_dir": str(model_dir)})
     train.run(config)
-    got = probe.probe(str(tmp_path / "run"), by_framing=True)
+    return str(model_dir)
+
+
+def test_by_framing_scores_each_group_of_the_held_out_films(tmp_path, probe):
+    """The held-out films as they are, scored in two groups that part them (three framed to
+    the chest, three framed wider)."""
+    run = _held_out_run(tmp_path)
+    got = probe.probe(run, by_framing=True)
     assert list(got) == ["as-is", "as-is, framed to the chest (3)", "as-is, framed wider (3)",
                          *probe.FORMS[1:]]
     assert all(set(scores["recall"]) == {"COVID-19"} for scores in got.values())
-    assert "as-is, framed wider (3)" not in probe.probe(str(tmp_path / "run"))
+    assert "as-is, framed wider (3)" not in probe.probe(run)
+
+
+def _predictions(probabilities, films=("a", "b", "c")) -> dict:
+    return {"films": list(films), "classes": ["C", "N", "V"], "labels": np.array([0, 1, 2]),
+            "probabilities": {"as-is": np.array(probabilities, np.float32)}, "tight": None}
+
+
+def test_an_ensemble_scores_the_mean_of_its_members_probabilities(probe):
+    """Each member gets one film of three right; their mean gets all three."""
+    first = _predictions([[0.6, 0.4, 0.0], [0.0, 0.4, 0.6], [0.6, 0.0, 0.4]])
+    second = _predictions([[0.0, 0.6, 0.4], [0.0, 1.0, 0.0], [0.0, 0.4, 0.6]])
+    assert probe.scored(first)["as-is"]["accuracy"] == pytest.approx(1 / 3)
+    mean = probe.ensemble([("r-seed1", first), ("r-seed2", second)])
+    np.testing.assert_allclose(mean["probabilities"]["as-is"],
+                               [[0.3, 0.5, 0.2], [0.0, 0.7, 0.3], [0.3, 0.2, 0.5]])
+    assert probe.scored(mean)["as-is"]["recall"] == {"C": 0.0, "N": 1.0, "V": 1.0}
+
+
+def test_an_ensemble_refuses_runs_tested_on_other_films(probe):
+    with pytest.raises(SystemExit, match="r-seed2 and r-seed1 were not tested on the same"):
+        probe.ensemble([("r-seed1", _predictions(np.eye(3))),
+                        ("r-seed2", _predictions(np.eye(3), films=("a", "b", "d")))])
+
+
+@pytest.mark.parametrize("runs, size, groups, left_out", [
+    (["s1", "s2", "s3", "s4", "s5", "s6"], 3, [["s1", "s2", "s3"], ["s4", "s5", "s6"]], ""),
+    (["s1", "s2", "s3", "s4", "s5"], 2, [["s1", "s2"], ["s3", "s4"]], "s5 left out"),
+    (["s1", "s2"], 3, [], "s1, s2 left out"),
+])
+def test_ensembles_group_a_studys_runs_in_the_order_given(probe, capsys, runs, size, groups,
+                                                         left_out):
+    assert probe.ensembles(runs, size) == groups
+    assert left_out in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1", "-2"])
+def test_ensemble_of_fewer_than_two_runs_is_refused(probe, capsys, value):
+    with pytest.raises(SystemExit):
+        probe.main([f"--ensemble={value}", "some-run"])
+    assert f"--ensemble={value}: give 2 or more runs" in capsys.readouterr().err
+
+
+def test_ensemble_rows_come_beside_each_runs(tmp_path, probe, capsys):
+    """Two seeds of a study: each run's rows, one ensemble's rows, and medians of both."""
+    runs = [_held_out_run(tmp_path, seed) for seed in (1, 2)]
+    assert probe.main(["--ensemble=2", *runs]) == 0
+    out = capsys.readouterr().out
+    expected = probe.scored(probe.ensemble([(run, probe.predictions(run)) for run in runs]))
+    for form, result in expected.items():
+        assert f"| run-seed1 + run-seed2 | {form} | {probe.cells(result)} |" in out
+        assert f"| run, ensembles of 2 | {form} | 1 | {probe.cells(result)} |" in out
+    assert f"| run | as-is | 2 |" in out
 
 
 @pytest.mark.parametrize("only, expected", [
