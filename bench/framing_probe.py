@@ -28,6 +28,7 @@ runs alone. Nothing is written: one line per run (or ensemble) and form on stdou
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import statistics
 import sys
@@ -106,14 +107,25 @@ def scores(labels, predicted, classes: list[str]) -> dict:
             "recall": {classes[c]: float(r) for c, r in zip(present, recall)}}
 
 
+@functools.lru_cache(maxsize=4)
+def reframed(films: tuple[str, ...], image_size: int, interpolation: str) -> dict:
+    """uint8 [N, image_size, image_size, 3] of the films in each form, as the trainer decodes
+    them; kept for the next runs tested on the same films (seeds of one study)."""
+    import tensorflow as tf
+    from trainer import storage
+    originals = [tf.io.decode_image(storage.read_bytes(path), channels=3).numpy()
+                 for path in films]
+    return {form: decoded([reframe(pixels, form) for pixels in originals], image_size,
+                          interpolation).numpy() for form in FORMS}
+
+
 def predictions(model_dir: str, by_framing: bool = False,
                 only: list[str] | None = None) -> dict:
     """A run's best checkpoint on its held-out films (``only`` those sources where given):
     "films" (paths), "labels", "classes", "probabilities" per form and, with ``by_framing``,
     "tight" (which films as they are the chest crop keeps whole)."""
     import numpy as np
-    import tensorflow as tf
-    from trainer import models, runs, storage
+    from trainer import models, runs
     from trainer.config import border_pixels
     config = runs.read_config(model_dir)
     items = held_out(config, only)
@@ -122,14 +134,11 @@ def predictions(model_dir: str, by_framing: bool = False,
                          "or DATA_DIR/manifest.csv is gone)")
     model = runs.load_model(runs.checkpoint_path(model_dir, "best"))
     classes = config.data.classes
-    originals = [tf.io.decode_image(storage.read_bytes(path), channels=3).numpy()
-                 for path, _ in items]
     got = {"films": [path for path, _ in items], "classes": classes,
            "labels": np.array([classes.index(label) for _, label in items]),
            "probabilities": {}, "tight": None}
-    for form in FORMS:
-        images = decoded([reframe(pixels, form) for pixels in originals],
-                         config.data.image_size, config.data.interpolation).numpy()
+    forms = reframed(tuple(got["films"]), config.data.image_size, config.data.interpolation)
+    for form, images in forms.items():
         got["probabilities"][form] = model.predict(models.feed(model, images), verbose=0)
         if by_framing and form == "as-is":
             got["tight"] = framed_to_the_chest(images, border_pixels(config.data.image_size,
