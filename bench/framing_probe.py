@@ -107,10 +107,11 @@ def scores(labels, predicted, classes: list[str]) -> dict:
             "recall": {classes[c]: float(r) for c, r in zip(present, recall)}}
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def reframed(films: tuple[str, ...], image_size: int, interpolation: str) -> dict:
     """uint8 [N, image_size, image_size, 3] of the films in each form, as the trainer decodes
-    them; kept for the next runs tested on the same films (seeds of one study)."""
+    them; kept for the next runs tested on the same films (seeds of one study; two sets, for
+    runs of two held-out sets given seed by seed)."""
     import tensorflow as tf
     from trainer import storage
     originals = [tf.io.decode_image(storage.read_bytes(path), channels=3).numpy()
@@ -219,17 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     studies: dict[tuple[str, str], list[dict]] = {}
     kept: dict[str, dict] = {}
+    by_study: dict[str, list[str]] = {}
     for model_dir in args.runs:
         got = predictions(model_dir, args.by_framing, only)
+        study = study_of(model_dir)
         if args.ensemble:
             kept[model_dir] = got
+            by_study.setdefault(study, []).append(model_dir)
         for form, result in scored(got).items():
             print(f"| {model_dir} | {form} | {cells(result)} |", flush=True)
-            studies.setdefault((study_of(model_dir), form), []).append(result)
+            studies.setdefault((study, form), []).append(result)
     if args.ensemble:
-        by_study: dict[str, list[str]] = {}
-        for model_dir in args.runs:
-            by_study.setdefault(study_of(model_dir), []).append(model_dir)
         for study, study_runs in by_study.items():
             for group in ensembles(study_runs, args.ensemble):
                 name = " + ".join(Path(model_dir).name for model_dir in group)
