@@ -162,6 +162,8 @@ VALID_NEW_VALUES = [
     {"model": "robust", "two_views": False, "consistency": 1.0, "consistency_fit": "both"},
     {"consistency_fit": "augmented"},
     {"layout_weights": 0.0}, {"layout_weights": 1.0}, {"model": "robust", "layout_weights": 10},
+    {"mixup": 0.0}, {"mixup": 0.2}, {"model": "robust", "mixup": 0.4},
+    {"model": "robust", "mixup": 1.0, "layout_weights": 20},
     {"chest_crop": True}, {"model": "robust", "two_views": False, "chest_crop": True},
     {"chest_crop": True, "chest_margin": 0.0}, {"chest_crop": True, "chest_margin": 0.49},
     {"chest_crop": False, "jit_compile": True}, {"chest_crop": False, "lung_crop": True},
@@ -201,6 +203,7 @@ INVALID_NEW_VALUES = [
                               "least 1 (a clip below 1 would flatten every weight), got 0.5"),
     ({"layout_weights": -2.0}, "train.layout_weights (--layout_weights) must be 0 (off) or at "
                                "least 1"),
+    ({"mixup": -0.2}, "train.mixup (--mixup) must be 0 (off) or more, got -0.2"),
     ({"stretch": 1.0}, "augment.stretch (--stretch) must be in [0, 1)"),
     ({"aspect": -0.1}, "augment.aspect (--aspect) must be in [0, 0.5), got -0.1"),
     ({"aspect": 0.5}, "augment.aspect (--aspect) must be in [0, 0.5), got 0.5"),

@@ -186,6 +186,10 @@ class TrainConfig:
                                    "and column mean profiles) gives its own class, clipped "
                                    "at this value and averaged to 1 per class, so that the "
                                    "layout alone stops paying; 0: off, else at least 1.")
+    mixup: float = _field(0.0, "Mixup: blend each training image with another of its batch "
+                          "in a share drawn from Beta(mixup, mixup), and its label and weight "
+                          "in the same share (trainer/mixup.py); 0: off. Validation and test "
+                          "images are never blended.")
     backup_freq: str = _field("epoch", "Back up the training state (model_dir/backup) every "
                               "epoch, or every N steps (a number) for long epochs.")
 
@@ -428,6 +432,7 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
          "applies only with --consistency above 0"),
         (train.layout_weights == 0 or train.layout_weights >= 1, "train.layout_weights",
          "must be 0 (off) or at least 1 (a clip below 1 would flatten every weight)"),
+        (train.mixup >= 0, "train.mixup", "must be 0 (off) or more"),
         (train.backup_freq == "epoch" or (train.backup_freq.isdigit()
                                           and int(train.backup_freq) >= 1),
          "train.backup_freq", "must be epoch or a positive number of steps"),

@@ -11,8 +11,8 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import callbacks, checkpoints, config as config_lib, consistency, data, datacheck, \
-    distribute, export, layout_weights, lung_field, metrics, models, sources as sources_lib, \
-    storage, two_views
+    distribute, export, layout_weights, lung_field, metrics, mixup, models, \
+    sources as sources_lib, storage, two_views
 from trainer.config import Config
 from trainer.errors import DataError, Preempted, RunDirError, TrainerError
 from trainer.keras_api import keras
@@ -163,9 +163,13 @@ def fit_inputs(model, splits: data.Splits, config: Config, strategy, me: distrib
                         f"global batch of {batch} ({config.train.batch_size} per replica x "
                         f"{replicas} replicas), and every replica needs a whole batch at each "
                         "step; lower --batch_size or add images")
-    train_ds = models.feed_dataset(model, distribute.shard_by_data(data.make_dataset(
-        splits.train, config.data, batch, training=True, whole_batches=several,
-        weights=sample_weights)))
+    train_batches = data.make_dataset(splits.train, config.data, batch, training=True,
+                                      whole_batches=several, weights=sample_weights)
+    if config.train.mixup:
+        logging.info("mixup: each training image blended with another of its batch, its share "
+                     "drawn from Beta(%g, %g)", config.train.mixup, config.train.mixup)
+        train_batches = mixup.mixed(train_batches, config.train.mixup, config.data.seed)
+    train_ds = models.feed_dataset(model, distribute.shard_by_data(train_batches))
     if not splits.val:
         return train_ds, None, None
     if not several:
@@ -225,12 +229,14 @@ def log_stop(cbs: list, config: Config, monitor: str) -> None:
 
 def sample_weights(splits: data.Splits, config: Config,
                    weights: dict | None) -> np.ndarray | None:
-    """Per training image, its --layout_weights weight times its class weight (None with
-    --layout_weights=0: fit applies the class weights). Keras does not combine class_weight
-    with a dataset's own sample weights (its reshape of an unknown batch size fails)."""
-    if not config.train.layout_weights:
+    """Per training image, its --layout_weights weight (1 without) times its class weight;
+    None where neither --layout_weights nor --mixup is on: fit applies the class weights.
+    Keras does not combine class_weight with a dataset's own sample weights (its reshape of an
+    unknown batch size fails), and mixup blends each image's weight with its partner's."""
+    if not (config.train.layout_weights or config.train.mixup):
         return None
-    films = layout_weights.film_weights(splits.train, config.data, config.train.layout_weights)
+    films = (layout_weights.film_weights(splits.train, config.data, config.train.layout_weights)
+             if config.train.layout_weights else np.ones(len(splits.train), np.float32))
     if weights is None:
         return films
     return films * np.array([weights[e.label] for e in splits.train], np.float32)
