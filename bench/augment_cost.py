@@ -7,7 +7,9 @@ Augmentation lives in the model (trainer/augment.py), so ``data.make_dataset`` s
 change at all when the config turns it on. Part 1 (pipeline) times full passes over the
 training split at 50 px (fresh dataset each pass: decode, resize, cache, batch 250) with
 augment off and on, alternating, and reports the median (and best) images/s of each and their
-ratios (expected ~1.0: the same pipeline). Part 2 (step) times the vanilla model's train step
+ratios (expected ~1.0: the same pipeline), and the same pipeline with ``--mixup=0.2``
+(trainer/mixup.py: the one training option that works in the input pipeline, blending each
+batch's films with per-image weights). Part 2 (step) times the vanilla model's train step
 (50 px, batch 250, uint8 batches already in memory) without augmentation, with the default
 augmentation (zoom, shift, rotation, brightness, contrast, gamma), with configs/robust.yaml's
 (the default plus the aspect change, ``aspect``), with every layer on (plus blur and noise),
@@ -54,12 +56,22 @@ def generate(root: Path, per_class: int = 200, seed: int = 0) -> Path:
     return root
 
 
-def pipeline_pass(examples, data_config) -> float:
-    """Images per second for one full pass over a freshly built dataset."""
-    from trainer import data
-    ds = data.make_dataset(examples, data_config, BATCH, training=True)
+MIXUP = 0.2
+
+
+def pipeline_pass(examples, data_config, mixup_alpha: float = 0.0) -> float:
+    """Images per second for one full pass over a freshly built dataset; with
+    ``mixup_alpha``, its batches carry weights and are blended as --mixup blends them."""
+    import numpy as np
+    from trainer import data, mixup
+    if mixup_alpha:
+        ds = mixup.mixed(data.make_dataset(examples, data_config, BATCH, training=True,
+                                           weights=np.ones(len(examples), np.float32)),
+                         mixup_alpha, data_config.seed)
+    else:
+        ds = data.make_dataset(examples, data_config, BATCH, training=True)
     start = time.perf_counter()
-    n = sum(int(images.shape[0]) for images, _ in ds)
+    n = sum(int(batch[0].shape[0]) for batch in ds)
     return n / (time.perf_counter() - start)
 
 
@@ -73,16 +85,23 @@ def bench_pipeline(data_dir: str, reps: int) -> dict:
         configs[name] = config
     examples = data.make_splits(configs["off"].data).train
     assert data.make_splits(configs["on"].data).train == examples
-    rates = {"off": [], "on": []}
+    passes = {"off": (configs["off"], 0.0), "on": (configs["on"], 0.0),
+              "mixup": (configs["on"], MIXUP)}
+    rates = {name: [] for name in passes}
     pipeline_pass(examples, configs["off"].data)  # warm the file cache and tf.data
-    for rep in range(reps):  # alternating which goes first, so drifting load hits both alike
-        for name in (("off", "on") if rep % 2 == 0 else ("on", "off")):
-            rates[name].append(pipeline_pass(examples, configs[name].data))
+    order = list(passes)
+    for rep in range(reps):  # rotating which goes first, so drifting load hits each alike
+        for name in order[rep % len(order):] + order[:rep % len(order)]:
+            config, alpha = passes[name]
+            rates[name].append(pipeline_pass(examples, config.data, alpha))
     for name, values in rates.items():
         results[name] = {"images_per_s": statistics.median(values), "best": max(values),
                          "runs": values}
     results["ratio_on_over_off"] = results["on"]["images_per_s"] / results["off"]["images_per_s"]
     results["ratio_best"] = results["on"]["best"] / results["off"]["best"]
+    results["ratio_mixup_over_off"] = (results["mixup"]["images_per_s"]
+                                       / results["off"]["images_per_s"])
+    results["ratio_best_mixup"] = results["mixup"]["best"] / results["off"]["best"]
     results["images"] = len(examples)
     return results
 
@@ -199,6 +218,9 @@ def report_pipeline(p: dict, args) -> None:
     print(f"  augment off {p['off']['images_per_s']:8.0f} images/s (best {p['off']['best']:.0f})")
     print(f"  augment on  {p['on']['images_per_s']:8.0f} images/s (best {p['on']['best']:.0f})"
           f"   ratio on/off {p['ratio_on_over_off']:.3f} (best {p['ratio_best']:.3f})")
+    print(f"  mixup {MIXUP}   {p['mixup']['images_per_s']:8.0f} images/s (best "
+          f"{p['mixup']['best']:.0f})   ratio mixup/off {p['ratio_mixup_over_off']:.3f} "
+          f"(best {p['ratio_best_mixup']:.3f})")
 
 
 def report_step(t: dict, args) -> None:
