@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SIZE, BATCH = 50, 250
+MIXUP = 0.2  # the --mixup the pipeline part times
 
 
 def generate(root: Path, per_class: int = 200, seed: int = 0) -> Path:
@@ -54,9 +55,6 @@ def generate(root: Path, per_class: int = 200, seed: int = 0) -> Path:
             Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "L").convert("RGB").save(
                 root / cls / f"{i:04d}.jpg", quality=90)
     return root
-
-
-MIXUP = 0.2
 
 
 def pipeline_pass(examples, data_config, mixup_alpha: float = 0.0) -> float:

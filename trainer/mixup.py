@@ -24,15 +24,14 @@ def draw(n: tf.Tensor, alpha: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Ten
 def mix(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor, share: tf.Tensor,
         partner: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Each film blended with its partner's: ``share`` of its own pixels, label and weight and
-    the rest of its partner's. uint8 images stay uint8 (rounded), so the model reads a blend
-    as it reads any film."""
+    the rest of its partner's. The uint8 films every pipeline yields stay uint8 (rounded), so
+    the model reads a blend as it reads any film."""
     def blend(values, shape):
         own = tf.reshape(share, shape)
         return own * values + (1.0 - own) * tf.gather(values, partner)
 
     pixels = blend(tf.cast(images, tf.float32), [-1, 1, 1, 1])
-    if images.dtype == tf.uint8:
-        pixels = tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+    pixels = tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
     return pixels, blend(labels, [-1, 1]), blend(weights, [-1])
 
 
