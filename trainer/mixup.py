@@ -31,7 +31,7 @@ def mix(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor, share: tf.Tens
         return own * values + (1.0 - own) * tf.gather(values, partner)
 
     pixels = blend(tf.cast(images, tf.float32), [-1, 1, 1, 1])
-    pixels = tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+    pixels = tf.cast(tf.round(pixels), tf.uint8)  # a share of two 8-bit values stays in [0, 255]
     return pixels, blend(labels, [-1, 1]), blend(weights, [-1])
 
 
