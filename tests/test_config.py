@@ -162,6 +162,8 @@ VALID_NEW_VALUES = [
     {"model": "robust", "two_views": False, "consistency": 1.0, "consistency_fit": "both"},
     {"consistency_fit": "augmented"},
     {"layout_weights": 0.0}, {"layout_weights": 1.0}, {"model": "robust", "layout_weights": 10},
+    {"monitor": "loss"}, {"monitor": "accuracy", "min_delta": 0.0},
+    {"monitor": "accuracy", "lr_patience": 2},
     {"mixup": 0.0}, {"mixup": 0.2}, {"model": "robust", "mixup": 0.4},
     {"model": "robust", "mixup": 1.0, "layout_weights": 20},
     {"chest_crop": True}, {"model": "robust", "two_views": False, "chest_crop": True},
@@ -204,6 +206,9 @@ INVALID_NEW_VALUES = [
     ({"layout_weights": -2.0}, "train.layout_weights (--layout_weights) must be 0 (off) or at "
                                "least 1"),
     ({"mixup": -0.2}, "train.mixup (--mixup) must be 0 (off) or more, got -0.2"),
+    ({"monitor": "auc"}, "train.monitor (--monitor) must be one of loss, accuracy, got 'auc'"),
+    ({"monitor": "val_loss"}, "train.monitor (--monitor) must be one of loss, accuracy, got "
+                              "'val_loss'"),
     ({"stretch": 1.0}, "augment.stretch (--stretch) must be in [0, 1)"),
     ({"aspect": -0.1}, "augment.aspect (--aspect) must be in [0, 0.5), got -0.1"),
     ({"aspect": 0.5}, "augment.aspect (--aspect) must be in [0, 0.5), got 0.5"),

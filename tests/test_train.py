@@ -174,6 +174,10 @@ STOPS = [
     ({"epochs": 50, "patience": 1, "min_delta": 10.0},
      r"early stopping at epoch 2: val_loss did not improve by more than 10 for 1 epochs "
      r"\(--patience\)"),
+    # accuracy cannot rise by 10 either: the same stop, on the figure --monitor names
+    ({"epochs": 50, "patience": 1, "min_delta": 10.0, "monitor": "accuracy"},
+     r"early stopping at epoch 2: val_accuracy did not improve by more than 10 for 1 epochs "
+     r"\(--patience\)"),
 ]
 
 
@@ -193,8 +197,43 @@ def test_the_log_says_each_epoch_briefly_why_training_stopped_and_what_is_kept(
                             r"[0-9.]+", line), line
     assert any(re.fullmatch(stop, line) for line in lines), lines
     best = json.loads((Path(tiny_config.output.model_dir) / "checkpoints" / "best.json").read_text())
-    assert f"keeping checkpoints/best.keras from epoch {best['epoch']} (lowest val_loss: " \
+    kept = "highest val_accuracy" if overrides.get("monitor") == "accuracy" else "lowest val_loss"
+    assert best["monitor"] == kept.split()[1]
+    assert f"keeping checkpoints/best.keras from epoch {best['epoch']} ({kept}: " \
            f"{best['value']:.4f})" in lines
+
+
+# (monitor, its value at each epoch, the epoch best.keras must hold)
+KEPT = [
+    ("val_loss", [0.9, 0.5, 0.7], 2),
+    ("val_loss", [0.5, 0.5, 0.6], 1),  # a tie is no improvement
+    ("val_accuracy", [0.6, 0.8, 0.7], 2),
+    ("val_accuracy", [0.8, 0.8, 0.5], 1),
+    ("loss", [1.2, 1.1, 1.0], 3),
+]
+
+
+@pytest.mark.parametrize("monitor, values, epoch", KEPT)
+def test_best_checkpoint_keeps_the_lowest_loss_or_the_highest_accuracy(tmp_path, monitor,
+                                                                       values, epoch):
+    from trainer import callbacks
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    keeper = callbacks.BestAndLastCheckpoint(str(tmp_path), monitor=monitor)
+    keeper.set_model(model)
+    keeper.on_train_begin()
+    for i, value in enumerate(values):
+        model.layers[0].bias.assign([float(i)])  # each epoch's weights are told apart
+        keeper.on_epoch_end(i, {"loss": 1.0, monitor: value})
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert (best["epoch"], best["monitor"], best["value"]) == (epoch, monitor, values[epoch - 1])
+    kept = keras.models.load_model(tmp_path / "best.keras")
+    assert float(kept.layers[0].bias.numpy()[0]) == epoch - 1
+    # resumed with a worse figure, the record and the checkpoint stay
+    again = callbacks.BestAndLastCheckpoint(str(tmp_path), monitor=monitor)
+    again.set_model(model)
+    again.on_train_begin()
+    again.on_epoch_end(len(values), {"loss": 1.0, monitor: values[epoch - 1]})
+    assert json.loads((tmp_path / "best.json").read_text())["epoch"] == epoch
 
 
 def test_lr_patience_lowers_the_learning_rate_training_uses_and_says_so(tiny_config, caplog):

@@ -17,9 +17,15 @@ from trainer import checkpoints, distribute, storage
 from trainer.keras_api import keras
 
 
+def monitor_mode(monitor: str) -> str:
+    """Which way a monitored figure improves: a loss falls ("min"), a score rises ("max")."""
+    return "min" if monitor.endswith("loss") else "max"
+
+
 class BestAndLastCheckpoint(keras.callbacks.Callback):
-    """Keeps ``best.keras`` (lowest monitored value) and ``last.keras`` in ``folder``, both
-    without optimizer state (a third of the size; resuming reads the backup instead).
+    """Keeps ``best.keras`` (best monitored value: lowest loss, highest score) and
+    ``last.keras`` in ``folder``, both without optimizer state (a third of the size; resuming
+    reads the backup instead).
 
     The best value is stored in ``best.json`` beside the model, so a resumed run only
     replaces the best checkpoint with a better one.
@@ -28,10 +34,11 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
     def __init__(self, folder: str, monitor: str = "val_loss", min_delta: float = 0.0):
         super().__init__()
         self.folder, self.monitor, self.min_delta = folder, monitor, min_delta
+        self.sign = 1.0 if monitor_mode(monitor) == "min" else -1.0  # compare as a loss
         self.best_path = storage.join(folder, "best.keras")
         self.last_path = storage.join(folder, "last.keras")
         self.record_path = storage.join(folder, "best.json")
-        self.best = math.inf
+        self.best = self.sign * math.inf
         self.best_epoch = None
 
     def on_train_begin(self, logs=None):
@@ -44,7 +51,7 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
         if not math.isfinite(float((logs or {}).get("loss", 0.0))):
             return  # keep the last good checkpoints, never NaN weights
         value = (logs or {}).get(self.monitor)
-        if value is not None and value < self.best - self.min_delta:
+        if value is not None and self.sign * (value - self.best) < -self.min_delta:
             checkpoints.save(self.model, self.best_path, optimizer_state=False)
             self.best, self.best_epoch = float(value), epoch + 1
             storage.write_text_atomic(self.record_path, json.dumps(
@@ -79,8 +86,8 @@ class ReduceLearningRate(keras.callbacks.ReduceLROnPlateau):
     """ReduceLROnPlateau that says in the log when it lowers the rate, and why."""
 
     def __init__(self, monitor: str, patience: int, factor: float, min_delta: float):
-        super().__init__(monitor=monitor, mode="min", patience=patience, factor=factor,
-                         min_delta=min_delta)
+        super().__init__(monitor=monitor, mode=monitor_mode(monitor), patience=patience,
+                         factor=factor, min_delta=min_delta)
 
     def on_epoch_end(self, epoch, logs=None):
         before = float(keras.backend.get_value(self.model.optimizer.learning_rate))

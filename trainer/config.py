@@ -161,15 +161,21 @@ class TrainConfig:
                                 "none: unweighted.", ("balanced", "none"))
     val_class_weights: str = _field(
         "auto", "Weights of the validation images in val_loss, which early stopping and the "
-        "best checkpoint follow: balanced (every class counts alike, from the validation "
-        "split's own counts; the other val_ metrics still count every image alike), none "
+        "best checkpoint follow with --monitor=loss: balanced (every class counts alike, "
+        "from the validation split's own counts; the other val_ metrics still count every image alike), none "
         "(every image alike), or auto: balanced with --val_sources (their images make the "
         "split's class counts arbitrary), none otherwise.", ("auto", "balanced", "none"))
-    patience: int = _field(5, "EarlyStopping patience in epochs (on val_loss).")
-    min_delta: float = _field(0.01, "EarlyStopping minimum improvement of val_loss.")
+    monitor: str = _field("loss", "The validation figure early stopping, the best checkpoint "
+                          "and lr_patience follow: loss (lowest; weighted by "
+                          "--val_class_weights) or accuracy (highest; every image alike). "
+                          "Without a validation split, the training figure.",
+                          ("loss", "accuracy"))
+    patience: int = _field(5, "EarlyStopping patience in epochs (on the --monitor figure).")
+    min_delta: float = _field(0.01, "EarlyStopping minimum improvement of the --monitor figure "
+                              "(0.01 of accuracy is a whole point).")
     lr_patience: int = _field(0, "Multiply the learning rate by lr_factor after this many epochs "
-                              "without val_loss improving by min_delta (ReduceLROnPlateau); "
-                              "0: off. Must be below patience.")
+                              "without the --monitor figure improving by min_delta "
+                              "(ReduceLROnPlateau); 0: off. Must be below patience.")
     lr_factor: float = _field(0.5, "Factor applied to the learning rate by lr_patience, in (0, 1).")
     consistency: float = _field(0.0, "Weight of a consistency loss: the Jensen-Shannon "
                                 "divergence of each training image's predictions as it is and "

@@ -109,7 +109,8 @@ def build_callbacks(config: Config, monitor: str, out_dir: str | None = None,
         callbacks.EpochLog(config.train.epochs),
         nan_guard,
         keras.callbacks.EarlyStopping(monitor=monitor, patience=config.train.patience,
-                                      min_delta=config.train.min_delta, mode="min"),
+                                      min_delta=config.train.min_delta,
+                                      mode=callbacks.monitor_mode(monitor)),
         *([callbacks.ReduceLearningRate(monitor, config.train.lr_patience,
                                         config.train.lr_factor, config.train.min_delta)]
           if config.train.lr_patience else []),
@@ -223,8 +224,10 @@ def log_stop(cbs: list, config: Config, monitor: str) -> None:
     else:
         logging.info("trained the %d epochs asked for (--epochs)", config.train.epochs)
     if kept.best_epoch is not None:
-        logging.info("keeping checkpoints/best.keras from epoch %d (lowest %s: %.4f)",
-                     kept.best_epoch, monitor, kept.best)
+        logging.info("keeping checkpoints/best.keras from epoch %d (%s %s: %.4f)",
+                     kept.best_epoch,
+                     "lowest" if callbacks.monitor_mode(monitor) == "min" else "highest",
+                     monitor, kept.best)
 
 
 def sample_weights(splits: data.Splits, config: Config,
@@ -304,7 +307,7 @@ def run(config: Config) -> dict:
                  batch, config.train.batch_size, replicas, learning_rate, config.runtime.lr_scaling)
     train_ds, val_ds, validation = fit_inputs(model, splits, config, strategy, me, per_image,
                                               validation_weights(splits, config))
-    monitor = "val_loss" if splits.val else "loss"
+    monitor = ("val_" if splits.val else "") + config.train.monitor
     out_dir = model_dir if me.is_chief else distribute.worker_temp_dir(me)
     try:
         cbs, nan_guard = build_callbacks(config, monitor, out_dir, validation)
