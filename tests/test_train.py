@@ -236,6 +236,25 @@ def test_best_checkpoint_keeps_the_lowest_loss_or_the_highest_accuracy(tmp_path,
     assert json.loads((tmp_path / "best.json").read_text())["epoch"] == epoch
 
 
+def test_a_best_checkpoint_chosen_on_another_figure_is_replaced_and_the_log_says_so(
+        tmp_path, caplog):
+    """Resumed with --allow_config_change and another --monitor: a recorded val_loss of 0.3
+    is no bar for an accuracy of 0.2 (it is the other figure), and the log names both."""
+    from trainer import callbacks
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    (tmp_path / "best.json").write_text(json.dumps(
+        {"epoch": 4, "monitor": "val_loss", "value": 0.3}))
+    keeper = callbacks.BestAndLastCheckpoint(str(tmp_path), monitor="val_accuracy")
+    keeper.set_model(model)
+    with caplog.at_level("WARNING"):
+        keeper.on_train_begin()
+    keeper.on_epoch_end(4, {"loss": 1.0, "val_accuracy": 0.2})
+    assert json.loads((tmp_path / "best.json").read_text()) == {
+        "epoch": 5, "monitor": "val_accuracy", "value": 0.2}
+    assert any("was chosen on val_loss, and this run follows val_accuracy" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_lr_patience_lowers_the_learning_rate_training_uses_and_says_so(tiny_config, caplog):
     """min_delta=10: no epoch after the first improves enough, so lr_patience 1 halves the rate
     after epochs 2 and 3; history.csv records the rate each epoch trained with."""

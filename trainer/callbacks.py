@@ -45,6 +45,11 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
         storage.makedirs(self.folder)
         if storage.exists(self.record_path):
             record = json.loads(storage.read_text(self.record_path))
+            if record.get("monitor", "val_loss") != self.monitor:  # --allow_config_change
+                logging.warning("%s was chosen on %s, and this run follows %s: the next "
+                                "epoch's checkpoint replaces it", self.best_path,
+                                record.get("monitor", "val_loss"), self.monitor)
+                return
             self.best, self.best_epoch = record["value"], record["epoch"]
 
     def on_epoch_end(self, epoch, logs=None):
