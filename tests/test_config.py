@@ -163,7 +163,8 @@ VALID_NEW_VALUES = [
     {"consistency_fit": "augmented"},
     {"layout_weights": 0.0}, {"layout_weights": 1.0}, {"model": "robust", "layout_weights": 10},
     {"monitor": "loss"}, {"monitor": "accuracy", "min_delta": 0.0},
-    {"monitor": "accuracy", "lr_patience": 2},
+    {"monitor": "accuracy", "lr_patience": 2}, {"start_from_epoch": 0},
+    {"monitor": "accuracy", "start_from_epoch": 5}, {"epochs": 3, "start_from_epoch": 2},
     {"mixup": 0.0}, {"mixup": 0.2}, {"model": "robust", "mixup": 0.4},
     {"model": "robust", "mixup": 1.0, "layout_weights": 20},
     {"chest_crop": True}, {"model": "robust", "two_views": False, "chest_crop": True},
@@ -206,6 +207,9 @@ INVALID_NEW_VALUES = [
     ({"layout_weights": -2.0}, "train.layout_weights (--layout_weights) must be 0 (off) or at "
                                "least 1"),
     ({"mixup": -0.2}, "train.mixup (--mixup) must be 0 (off) or more, got -0.2"),
+    ({"start_from_epoch": -1}, "train.start_from_epoch (--start_from_epoch) must be 0 or more "
+                               "and below --epochs (1000), or no epoch is kept, got -1"),
+    ({"epochs": 3, "start_from_epoch": 3}, "must be 0 or more and below --epochs (3)"),
     ({"monitor": "auc"}, "train.monitor (--monitor) must be one of loss, accuracy, got 'auc'"),
     ({"monitor": "val_loss"}, "train.monitor (--monitor) must be one of loss, accuracy, got "
                               "'val_loss'"),

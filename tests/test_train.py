@@ -203,22 +203,25 @@ def test_the_log_says_each_epoch_briefly_why_training_stopped_and_what_is_kept(
            f"{best['value']:.4f})" in lines
 
 
-# (monitor, its value at each epoch, the epoch best.keras must hold)
+# (monitor, its value at each epoch, start_from_epoch, the epoch best.keras must hold)
 KEPT = [
-    ("val_loss", [0.9, 0.5, 0.7], 2),
-    ("val_loss", [0.5, 0.5, 0.6], 1),  # a tie is no improvement
-    ("val_accuracy", [0.6, 0.8, 0.7], 2),
-    ("val_accuracy", [0.8, 0.8, 0.5], 1),
-    ("loss", [1.2, 1.1, 1.0], 3),
+    ("val_loss", [0.9, 0.5, 0.7], 0, 2),
+    ("val_loss", [0.5, 0.5, 0.6], 0, 1),  # a tie is no improvement
+    ("val_accuracy", [0.6, 0.8, 0.7], 0, 2),
+    ("val_accuracy", [0.8, 0.8, 0.5], 0, 1),
+    ("loss", [1.2, 1.1, 1.0], 0, 3),
+    ("val_accuracy", [0.9, 0.6, 0.7], 1, 3),  # the first epoch is never kept
+    ("val_loss", [0.1, 0.2, 0.9], 2, 3),
 ]
 
 
-@pytest.mark.parametrize("monitor, values, epoch", KEPT)
+@pytest.mark.parametrize("monitor, values, start, epoch", KEPT)
 def test_best_checkpoint_keeps_the_lowest_loss_or_the_highest_accuracy(tmp_path, monitor,
-                                                                       values, epoch):
+                                                                       values, start, epoch):
     from trainer import callbacks
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    keeper = callbacks.BestAndLastCheckpoint(str(tmp_path), monitor=monitor)
+    keeper = callbacks.BestAndLastCheckpoint(str(tmp_path), monitor=monitor,
+                                             start_from_epoch=start)
     keeper.set_model(model)
     keeper.on_train_begin()
     for i, value in enumerate(values):
@@ -229,11 +232,28 @@ def test_best_checkpoint_keeps_the_lowest_loss_or_the_highest_accuracy(tmp_path,
     kept = keras.models.load_model(tmp_path / "best.keras")
     assert float(kept.layers[0].bias.numpy()[0]) == epoch - 1
     # resumed with a worse figure, the record and the checkpoint stay
-    again = callbacks.BestAndLastCheckpoint(str(tmp_path), monitor=monitor)
+    again = callbacks.BestAndLastCheckpoint(str(tmp_path), monitor=monitor,
+                                            start_from_epoch=start)
     again.set_model(model)
     again.on_train_begin()
     again.on_epoch_end(len(values), {"loss": 1.0, monitor: values[epoch - 1]})
     assert json.loads((tmp_path / "best.json").read_text())["epoch"] == epoch
+
+
+def test_start_from_epoch_keeps_no_checkpoint_and_stops_nothing_before_it(tiny_config):
+    """min_delta=10: only the first epoch looked at improves enough, so patience 1 stops one
+    epoch later; epochs 1 and 2 are not looked at, so the stop is at epoch 4, and the kept
+    checkpoint is the lower val_loss of epochs 3 and 4."""
+    train_cfg = tiny_config.train
+    train_cfg.epochs, train_cfg.patience, train_cfg.min_delta = 50, 1, 10.0
+    train_cfg.start_from_epoch = 2
+    train.run(tiny_config)
+    run = Path(tiny_config.output.model_dir)
+    rows = _history(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    looked_at = {int(r["epoch"]): float(r["val_loss"]) for r in rows[2:]}
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["epoch"] == min(looked_at, key=looked_at.get)
 
 
 def test_a_best_checkpoint_chosen_on_another_figure_is_replaced_and_the_log_says_so(

@@ -31,9 +31,11 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
     replaces the best checkpoint with a better one.
     """
 
-    def __init__(self, folder: str, monitor: str = "val_loss", min_delta: float = 0.0):
+    def __init__(self, folder: str, monitor: str = "val_loss", min_delta: float = 0.0,
+                 start_from_epoch: int = 0):
         super().__init__()
         self.folder, self.monitor, self.min_delta = folder, monitor, min_delta
+        self.start_from_epoch = start_from_epoch  # epochs never kept as the best
         self.sign = 1.0 if monitor_mode(monitor) == "min" else -1.0  # compare as a loss
         self.best_path = storage.join(folder, "best.keras")
         self.last_path = storage.join(folder, "last.keras")
@@ -56,7 +58,7 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
         if not math.isfinite(float((logs or {}).get("loss", 0.0))):
             return  # keep the last good checkpoints, never NaN weights
         value = (logs or {}).get(self.monitor)
-        if value is not None and self.sign * (value - self.best) < -self.min_delta:
+        if epoch >= self.start_from_epoch and value is not None and self.sign * (value - self.best) < -self.min_delta:
             checkpoints.save(self.model, self.best_path, optimizer_state=False)
             self.best, self.best_epoch = float(value), epoch + 1
             storage.write_text_atomic(self.record_path, json.dumps(

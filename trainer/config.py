@@ -171,6 +171,10 @@ class TrainConfig:
                           "Without a validation split, the training figure.",
                           ("loss", "accuracy"))
     patience: int = _field(5, "EarlyStopping patience in epochs (on the --monitor figure).")
+    start_from_epoch: int = _field(0, "Epochs trained before early stopping and the best "
+                                   "checkpoint look at the --monitor figure (Keras's "
+                                   "start_from_epoch), so a noisy first epoch cannot be kept; "
+                                   "0: from the first. Must be below epochs.")
     min_delta: float = _field(0.01, "EarlyStopping minimum improvement of the --monitor figure "
                               "(0.01 of accuracy is a whole point).")
     lr_patience: int = _field(0, "Multiply the learning rate by lr_factor after this many epochs "
@@ -426,6 +430,8 @@ def validate(config: Config, min_image_sizes: Mapping[str, int]) -> Config:
         (train.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (train.learning_rate > 0, "train.learning_rate", "must be positive"),
         (train.patience >= 0, "train.patience", "must be 0 or more"),
+        (0 <= train.start_from_epoch < train.epochs, "train.start_from_epoch",
+         f"must be 0 or more and below --epochs ({train.epochs}), or no epoch is kept"),
         (train.min_delta >= 0, "train.min_delta", "must be 0 or more"),
         (train.lr_patience >= 0, "train.lr_patience", "must be 0 or more"),
         (train.lr_patience == 0 or train.lr_patience < train.patience, "train.lr_patience",
