@@ -47,10 +47,11 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
         storage.makedirs(self.folder)
         if storage.exists(self.record_path):
             record = json.loads(storage.read_text(self.record_path))
-            if record.get("monitor", "val_loss") != self.monitor:  # --allow_config_change
+            chosen_on = record.get("monitor", "val_loss")
+            if chosen_on != self.monitor:  # --allow_config_change
                 logging.warning("%s was chosen on %s, and this run follows %s: the next "
-                                "epoch's checkpoint replaces it", self.best_path,
-                                record.get("monitor", "val_loss"), self.monitor)
+                                "epoch's checkpoint replaces it", self.best_path, chosen_on,
+                                self.monitor)
                 return
             self.best, self.best_epoch = record["value"], record["epoch"]
 
@@ -58,12 +59,16 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
         if not math.isfinite(float((logs or {}).get("loss", 0.0))):
             return  # keep the last good checkpoints, never NaN weights
         value = (logs or {}).get(self.monitor)
-        if epoch >= self.start_from_epoch and value is not None and self.sign * (value - self.best) < -self.min_delta:
+        if epoch >= self.start_from_epoch and self._improves(value):
             checkpoints.save(self.model, self.best_path, optimizer_state=False)
             self.best, self.best_epoch = float(value), epoch + 1
             storage.write_text_atomic(self.record_path, json.dumps(
                 {"epoch": self.best_epoch, "monitor": self.monitor, "value": self.best}))
         checkpoints.save(self.model, self.last_path, optimizer_state=False)  # resume: backup/
+
+    def _improves(self, value) -> bool:
+        """Whether ``value`` beats the best by more than min_delta, in the figure's direction."""
+        return value is not None and self.sign * (value - self.best) < -self.min_delta
 
 
 class HistoryCSV(keras.callbacks.Callback):

@@ -162,9 +162,10 @@ class TrainConfig:
     val_class_weights: str = _field(
         "auto", "Weights of the validation images in val_loss, which early stopping and the "
         "best checkpoint follow with --monitor=loss: balanced (every class counts alike, "
-        "from the validation split's own counts; the other val_ metrics still count every image alike), none "
-        "(every image alike), or auto: balanced with --val_sources (their images make the "
-        "split's class counts arbitrary), none otherwise.", ("auto", "balanced", "none"))
+        "from the validation split's own counts; the other val_ metrics still count every "
+        "image alike), none (every image alike), or auto: balanced with --val_sources (their "
+        "images make the split's class counts arbitrary), none otherwise.",
+        ("auto", "balanced", "none"))
     monitor: str = _field("loss", "The validation figure early stopping, the best checkpoint "
                           "and lr_patience follow: loss (lowest; weighted by "
                           "--val_class_weights) or accuracy (highest; every image alike). "
